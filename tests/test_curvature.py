@@ -1,0 +1,119 @@
+"""Curvature operators against dense float64 references (jax.hessian, jax.jacobian, analytic)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from common import (activation, cross_entropy, gn_trace_estimate, gnvp, hessian_trace_estimate, hvp,
+                    nmevp)
+from nets import problem
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+ACTS = [("relu", 1.0), ("gelu", 1.0), ("beta_gelu", 3.0), ("relu_aug", 1.0), ("gelu_dim", 1.0)]
+
+
+def dense(logits_fn, y, params):
+    """(H, GN) as dense matrices over the flattened parameters, from jax.hessian and jax.jacobian."""
+    flat, unravel = ravel_pytree(params)
+    z_of = lambda w: logits_fn(unravel(w))
+    H = jax.hessian(lambda w: cross_entropy(z_of(w), y))(flat)
+    J = jax.jacobian(z_of)(flat)  # [B, C, P]
+    p = jax.nn.softmax(z_of(flat))
+    Hz = (jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]) / p.shape[0]  # Eq. 2, per example
+    GN = jnp.einsum("bcp,bcd,bdq->pq", J, Hz, J)
+    return H, GN
+
+
+def as_matrix(op, params):
+    """Columns op(e_k) for every basis vector, from a pytree -> pytree operator."""
+    flat, unravel = ravel_pytree(params)
+    return jax.vmap(lambda e: ravel_pytree(op(unravel(e)))[0], out_axes=1)(jnp.eye(flat.size))
+
+
+def matrices(kind, name, beta, key, batch=5):
+    """Dense references and the operators' matrices, in one compiled function."""
+    params, logits_fn, x, y = problem(kind, activation(name, beta), key, batch)
+
+    @jax.jit
+    def run(params):
+        loss = lambda p: cross_entropy(logits_fn(p), y)
+        H, GN = dense(logits_fn, y, params)
+        return dict(H=H, GN=GN, Hm=as_matrix(lambda v: hvp(loss, params, v), params),
+                    GNm=as_matrix(lambda v: gnvp(logits_fn, y, params, v), params),
+                    NMEm=as_matrix(lambda v: nmevp(logits_fn, y, params, v), params))
+
+    return params, logits_fn, x, y, run(params)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("name,beta", ACTS)
+def test_products_match_dense(kind, name, beta):
+    *_, m = matrices(kind, name, beta, jax.random.key(0))
+    H, GN, Hm, GNm, NMEm = m["H"], m["GN"], m["Hm"], m["GNm"], m["NMEm"]
+    scale = float(jnp.abs(H).max())
+    np.testing.assert_allclose(Hm, H, atol=1e-12 * scale, rtol=0)
+    np.testing.assert_allclose(GNm, GN, atol=1e-12 * scale, rtol=0)
+    np.testing.assert_allclose(Hm, GNm + NMEm, atol=1e-12 * scale, rtol=0)  # Eq. 2
+    np.testing.assert_allclose(NMEm, H - GN, atol=1e-12 * scale, rtol=0)
+    assert jnp.linalg.eigvalsh(GNm).min() > -1e-12 * scale  # GN is PSD for cross-entropy
+    np.testing.assert_allclose(NMEm, NMEm.T, atol=1e-12 * scale)
+    # The NME is not a rounding error: it is indefinite or non-zero for every model here.
+    assert float(jnp.abs(NMEm).max()) > 1e-3 * scale
+
+
+def test_one_hidden_layer_nme_diagonal():
+    """NME diagonal is exactly 0 for relu and gelu_dim (zero AD second derivative) and not for
+    gelu, relu_aug and beta_gelu; and it equals the analytic formula for every activation."""
+    for name, beta in ACTS:
+        act = activation(name, beta)
+        params, logits_fn, x, y, m = matrices("mlp", name, beta, jax.random.key(1), batch=6)
+        diag = ravel_pytree(params)[1](jnp.diagonal(m["NMEm"]))
+        # Analytic: r = ∇_z L = (softmax(z) − onehot(y)) / B.
+        r = (jax.nn.softmax(logits_fn(params)) - jax.nn.one_hot(y, 3)) / x.shape[0]
+        a = x @ params["w1"] + params["b1"]
+        d2 = jax.vmap(jax.vmap(jax.grad(jax.grad(act))))(a)  # act'' [B, h]
+        s = (r @ params["w2"].T) * d2  # Σ_c r_c W2_jc act''(a_j)   [B, h]
+        np.testing.assert_allclose(diag["w1"], (x**2).T @ s, atol=1e-13)
+        np.testing.assert_allclose(diag["b1"], s.sum(0), atol=1e-13)
+        # "Exactly 0" up to the rounding of H − GN: 1e-14 of the Hessian's scale; non-zero is 1e-3.
+        H = m["H"]
+        tiny, big = 1e-14 * float(jnp.abs(H).max()), 1e-3 * float(jnp.abs(H).max())
+        assert float(jnp.abs(diag["w2"]).max()) < tiny and float(jnp.abs(diag["b2"]).max()) < tiny
+        nme1 = max(float(jnp.abs(diag["w1"]).max()), float(jnp.abs(diag["b1"]).max()))
+        if name in ("relu", "gelu_dim"):
+            assert nme1 < tiny, name
+        else:
+            assert nme1 > big, name
+
+
+def test_nme_vanishes_for_a_linear_model():
+    act = lambda u: u
+    params, logits_fn, x, y = problem("mlp", act, jax.random.key(2))
+    v = jax.tree.map(jnp.ones_like, params)
+    # x ↦ xW1W2 is bilinear in (W1, W2): the NME is the off-diagonal W1-W2 coupling only.
+    nv = nmevp(logits_fn, y, params, jax.tree.map(lambda t: t.at[...].set(0), v) | {"w1": v["w1"]})
+    assert float(jnp.abs(nv["w1"]).max()) < 1e-14
+    assert float(jnp.abs(nv["w2"]).max()) > 1e-2
+
+
+def mc_check(samples, exact):
+    """Monte-Carlo mean within 5 standard errors of the exact value, and the SE small enough that
+    a biased estimator (off by a factor of B, for example) would fail."""
+    samples = np.asarray(samples)
+    mean, se = samples.mean(), samples.std(ddof=1) / np.sqrt(samples.size)
+    assert abs(mean - exact) < 5 * se, (mean, exact, se)
+    assert se < 0.1 * abs(exact), (se, exact)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("name,beta", [("gelu", 1.0), ("relu_aug", 1.0), ("relu", 1.0)])
+def test_trace_estimators_unbiased(kind, name, beta):
+    params, logits_fn, x, y = problem(kind, activation(name, beta), jax.random.key(3), batch=4)
+    H, GN = jax.jit(dense, static_argnums=0)(logits_fn, y, params)
+    loss = lambda p: cross_entropy(logits_fn(p), y)
+    keys = jax.random.split(jax.random.key(4), 20_000)
+    mc_check(jax.jit(jax.vmap(lambda k: hessian_trace_estimate(loss, params, k)))(keys), float(jnp.trace(H)))
+    mc_check(jax.jit(jax.vmap(lambda k: gn_trace_estimate(logits_fn, params, k)))(keys), float(jnp.trace(GN)))

@@ -1,0 +1,217 @@
+"""Update rules (SPEC section 3) against their formulas computed independently from dense matrices."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from common import RULES, activation, cross_entropy, hessian_trace_estimate, rule, tree_normal
+from nets import conv, mlp, problem
+
+RHO, SIGMA2 = 0.05, 0.01
+
+
+def setup(name="gelu", beta=1.0, kind="mlp", batch=6, seed=0):
+    """A tiny model as the rules see it, plus its flat dense view."""
+    act = activation(name, beta)
+    params, _, x, y = problem(kind, act, jax.random.key(seed), batch)
+    f = mlp if kind == "mlp" else conv
+
+    def loss_fn(p, state, b):
+        z = f(act, p, b[0])
+        return cross_entropy(z, b[1]), (state, z)
+
+    flat, unravel = ravel_pytree(params)
+    L = lambda w: cross_entropy(f(act, unravel(w), x), y)
+    return params, loss_fn, (x, y), flat, unravel, L
+
+
+def hp(rho=RHO, sigma2=SIGMA2):
+    return {"rho": jnp.asarray(rho), "sigma2": jnp.asarray(sigma2)}
+
+
+def run(name, loss_fn, params, batch, key=jax.random.key(7), **kw):
+    return jax.jit(lambda p, k: RULES[name](loss_fn, p, None, batch, k, hp(**kw)))(params, key)
+
+
+def flat_of(tree):
+    return ravel_pytree(tree)[0]
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("act", ["gelu", "relu", "relu_aug"])
+def test_deterministic_rules_match_dense_formulas(act):
+    params, loss_fn, batch, w, unravel, L = setup(act)
+    g, H = jax.grad(L)(w), jax.hessian(L)(w)
+    n = jnp.linalg.norm(g)
+    expect = {
+        "sgd": g,
+        "gp_p1": g + RHO * H @ g / n,  # Eq. 8
+        "gp_p2": g + 2 * RHO * H @ g,  # Eq. 47
+        "sam": jax.grad(L)(w + RHO * g / n),  # Eq. 42
+        "usam": jax.grad(L)(w + RHO * g),  # Eq. 43
+    }
+    for name, ref in expect.items():
+        step = run(name, loss_fn, params, batch)
+        np.testing.assert_allclose(flat_of(step.direction), ref, rtol=1e-10, atol=1e-13, err_msg=name)
+        assert float(step.loss) == pytest.approx(float(L(w)), rel=1e-12)
+        assert float(step.grad_norm) == pytest.approx(float(n), rel=1e-12)
+    # The penalties move the direction by much more than the tolerance (the test can fail).
+    for name in ("gp_p1", "gp_p2", "sam", "usam"):
+        assert float(jnp.linalg.norm(expect[name] - g)) > 1e-4 * float(n), name
+
+
+def mc_close(samples, ref, base):
+    """Per-coordinate Monte-Carlo mean within 5 standard errors of ref, and ref − base well resolved."""
+    samples = np.asarray(samples)
+    mean, se = samples.mean(0), samples.std(0, ddof=1) / np.sqrt(samples.shape[0])
+    assert np.all(np.abs(mean - ref) < 5 * se + 1e-12), np.max(np.abs(mean - ref) / (se + 1e-300))
+    assert np.linalg.norm(ref - base) > 10 * np.linalg.norm(se), "penalty not resolved: test too weak"
+
+
+def directions(name, loss_fn, params, batch, n, **kw):
+    keys = jax.random.split(jax.random.key(11), n)
+    f = lambda k: flat_of(RULES[name](loss_fn, params, None, batch, k, hp(**kw)).direction)
+    return jax.jit(jax.vmap(f))(keys)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("act", ["gelu", "relu_aug"])
+def test_hessian_trace_is_unbiased_gradient_of_its_objective(act):
+    """E[direction] = ∇(L0 + (σ²/2) tr H): ε is independent of θ, so the Hutchinson gradient is unbiased."""
+    params, loss_fn, batch, w, unravel, L = setup(act)
+    sigma2 = 0.5
+    g = jax.grad(L)(w)
+    ref = g + 0.5 * sigma2 * jax.grad(lambda v: jnp.trace(jax.hessian(L)(v)))(w)
+    mc_close(directions("hessian_trace", loss_fn, params, batch, 20_000, sigma2=sigma2), ref, g)
+
+
+def gn_trace_objective(f, act, x, unravel):
+    """F(θ, θ') = B E_{ŷ~p(θ')} ‖∇L0(θ, ŷ)‖², enumerated over the classes, independent of common.
+
+    The cross terms between examples vanish in expectation, leaving (1/B) Σ_i Σ_c p_ic(θ') ‖J_iᵀ(p_i(θ) − e_c)‖²
+    at θ' = θ this is tr(GN) of the mean loss; its gradient in θ (θ' held) is what the sampled-label
+    estimator with stop_gradient labels follows in expectation.
+    """
+    def F(w, w_sample):
+        z = lambda v: f(act, unravel(v), x)
+        J = jax.jacobian(z)(w)  # [B, C, P]
+        p = jax.nn.softmax(z(w))
+        q = jax.nn.softmax(z(w_sample))
+        C = p.shape[1]
+        r = p[:, None, :] - jnp.eye(C)[None]  # [B, c, C]: p_i − e_c
+        sq = jnp.sum(jnp.einsum("bkc,bcp->bkp", r, J) ** 2, axis=-1)  # [B, c]
+        return jnp.sum(q * sq) / x.shape[0]
+
+    return F
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_gn_trace_is_gradient_of_its_objective(act):
+    params, loss_fn, batch, w, unravel, L = setup(act)
+    x, y = batch
+    Z = lambda v: mlp(activation(act), unravel(v), x)
+    J = jax.jacobian(Z)(w)
+    p = jax.nn.softmax(Z(w))
+    GN = jnp.einsum("bcp,bcd,bdq->pq", J, (jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]) / x.shape[0], J)
+    F = gn_trace_objective(mlp, activation(act), x, unravel)
+    assert float(F(w, w)) == pytest.approx(float(jnp.trace(GN)), rel=1e-10)  # the estimator's target
+    sigma2 = 0.5
+    g = jax.grad(L)(w)
+    ref = g + 0.5 * sigma2 * jax.grad(F)(w, w)
+    mc_close(directions("gn_trace", loss_fn, params, batch, 20_000, sigma2=sigma2), ref, g)
+
+
+@pytest.mark.usefixtures("x64")
+def test_weight_noise_on_a_quadratic():
+    """E L(θ+ε) = L(θ) + (σ²/2) tr(A) exactly for L = ½(θ−c)ᵀA(θ−c) (Eq. 17 with the σ²/2 erratum),
+    the Hutchinson objective matches it in expectation, and E ∇L(θ+ε) = ∇L(θ)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+    M = jax.random.normal(k1, (6, 6))
+    A = M @ M.T + jnp.eye(6)
+    c = jax.random.normal(k2, (6,))
+    params = {"a": jax.random.normal(k3, (2, 3)), "b": jnp.zeros(0)}
+    w = ravel_pytree(params)[0]
+    Lq = lambda v: 0.5 * (v - c) @ A @ (v - c)
+    loss_fn = lambda p, state, b: (Lq(ravel_pytree(p)[0]), (state, jnp.zeros((1, 2))))
+    sigma2 = 0.3
+    n = 40_000
+    keys = jax.random.split(jax.random.key(9), n)
+    steps = jax.jit(jax.vmap(lambda k: RULES["weight_noise"](loss_fn, params, None, None, k, hp(sigma2=sigma2))))(keys)
+    expected = float(Lq(w) + 0.5 * sigma2 * jnp.trace(A))
+    losses = np.asarray(steps.loss)
+    se = losses.std(ddof=1) / np.sqrt(n)
+    assert abs(losses.mean() - expected) < 5 * se
+    assert abs(losses.mean() - float(Lq(w) + sigma2 * jnp.trace(A))) > 10 * se  # the paper's σ² would fail
+    hutch = jax.jit(jax.vmap(lambda k: hessian_trace_estimate(lambda p: loss_fn(p, None, None)[0], params, k)))(keys)
+    ht = float(Lq(w)) + 0.5 * sigma2 * np.asarray(hutch)
+    assert abs(ht.mean() - expected) < 5 * ht.std(ddof=1) / np.sqrt(n)
+    mc_close(jax.vmap(flat_of)(steps.direction), jax.grad(Lq)(w), jnp.zeros_like(w))
+
+
+def test_weight_noise_sample_is_sigma_times_normal():
+    """One sample: the direction is ∇L0 at θ + σ ε with ε = tree_normal(key); σ² = 0 is sgd."""
+    params, loss_fn, batch, w, unravel, L = setup("gelu")
+    key = jax.random.key(3)
+    eps = flat_of(tree_normal(key, params))
+    step = run("weight_noise", loss_fn, params, batch, key, sigma2=0.04)
+    np.testing.assert_allclose(flat_of(step.direction), jax.grad(L)(w + 0.2 * eps), rtol=1e-5, atol=1e-6)
+    for name in RULES:  # every penalty vanishes at ρ = σ² = 0
+        s = run(name, loss_fn, params, batch, key, rho=0.0, sigma2=0.0)
+        np.testing.assert_allclose(flat_of(s.direction), jax.grad(L)(w), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+#### BatchNorm: every rule runs under jit and updates the running statistics once, from the clean pass
+
+
+class BNNet(eqx.Module):
+    lin1: eqx.nn.Linear
+    bn: eqx.nn.BatchNorm
+    lin2: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.lin1 = eqx.nn.Linear(3, 4, key=k1)
+        self.bn = eqx.nn.BatchNorm(4, axis_name="batch", mode="batch", momentum=0.9)
+        self.lin2 = eqx.nn.Linear(4, 3, key=k2)
+
+    def __call__(self, x, state):
+        h, state = self.bn(self.lin1(x), state)
+        return self.lin2(jax.nn.gelu(h, approximate=False)), state
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_batchnorm_state_updated_once_from_clean_pass(name):
+    model, state = eqx.nn.make_with_state(BNNet)(jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    kx, ky = jax.random.split(jax.random.key(1))
+    x, y = 2.0 + jax.random.normal(kx, (8, 3)), jax.random.randint(ky, (8,), 0, 3)
+
+    def loss_fn(p, st, b):
+        m = eqx.combine(p, static)
+        z, st = jax.vmap(m, in_axes=(0, None), out_axes=(0, None), axis_name="batch")(b[0], st)
+        return cross_entropy(z, b[1]), (st, z)
+
+    key = jax.random.key(2)
+    step = jax.jit(lambda p, s, k: RULES[name](loss_fn, p, s, (x, y), k, hp(rho=0.5, sigma2=0.25)))(params, state, key)
+    # Independent reference: pre-BN batch statistics at θ (θ+σε for weight_noise), one EMA update.
+    lin1 = params.lin1
+    if name == "weight_noise":
+        noisy = jax.tree.map(lambda w, e: w + 0.5 * e, params, tree_normal(key, params))
+        lin1 = noisy.lin1
+    h = x @ lin1.weight.T + lin1.bias
+    mean, var = step.state.get(model.bn.batch_state_index)
+    np.testing.assert_allclose(mean, 0.1 * h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, 0.9 + 0.1 * h.var(0), rtol=1e-5, atol=1e-6)  # running var starts at 1
+    assert int(step.state.get(model.bn.batch_counter)) == 1
+    assert all(bool(jnp.all(jnp.isfinite(d))) for d in jax.tree.leaves(step.direction))
+
+
+def test_rule_lookup():
+    from common import ConfigError
+    assert rule("sam") is RULES["sam"]
+    with pytest.raises(ConfigError, match="--method"):
+        rule("adam")
