@@ -1,0 +1,311 @@
+import hashlib
+import io
+import logging
+import pickle
+import shutil
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from common import DATASET_SPECS, ConfigError, augment_small, eval_batches, imagenet_batches, load_small, normalize, small_batches  # noqa: E402
+
+FMNIST = REPO / "data" / "fashion-mnist"
+
+
+# ---- Fashion-MNIST -------------------------------------------------------
+
+
+def test_fashion_mnist_loads():
+    x_train, y_train, x_test, y_test = load_small("fashion_mnist", FMNIST)
+    assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
+    assert x_train.dtype == x_test.dtype == np.uint8
+    assert y_train.dtype == y_test.dtype == np.int32
+    assert np.bincount(y_train).tolist() == [6000] * 10
+    assert np.bincount(y_test).tolist() == [1000] * 10
+    spec = DATASET_SPECS["fashion_mnist"]
+    assert spec.shape == x_train.shape[1:] and spec.num_classes == 10
+    assert abs(x_train.mean() - spec.mean[0]) < 0.01
+    assert abs(x_train.std() - spec.std[0]) < 0.01
+
+
+def test_fashion_mnist_checksum_mismatch(tmp_path):
+    bad = tmp_path / "fashion-mnist"
+    shutil.copytree(FMNIST, bad)
+    f = bad / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(f.read_bytes())
+    raw[-10] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ConfigError, match="SHA-256.*--data-dir"):
+        load_small("fashion_mnist", tmp_path)
+    f.unlink()
+    with pytest.raises(ConfigError, match="missing"):
+        load_small("fashion_mnist", bad)
+
+
+def test_unknown_dataset():
+    with pytest.raises(ConfigError, match="--dataset"):
+        load_small("mnist")
+
+
+# ---- CIFAR-10 ------------------------------------------------------------
+
+
+def _write_cifar_batch(path, images, labels):
+    # Same layout as the real files: Python 2 pickle (protocol 2), bytes keys,
+    # uint8 rows of 3072 = R plane, G plane, B plane, row-major.
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
+    d = {
+        b"batch_label": b"fixture",
+        b"labels": [int(v) for v in labels],
+        b"data": rows,
+        b"filenames": [b"img%d.png" % i for i in range(len(images))],
+    }
+    with open(path, "wb") as f:
+        pickle.dump(d, f, protocol=2)
+
+
+def test_cifar10_fixture(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    images = rng.integers(0, 256, (6, 24, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (6, 24))
+    for i in range(5):
+        _write_cifar_batch(folder / f"data_batch_{i + 1}", images[i], labels[i])
+    _write_cifar_batch(folder / "test_batch", images[5], labels[5])
+
+    for data_dir in (tmp_path, folder):
+        x_train, y_train, x_test, y_test = load_small("cifar10", data_dir)
+        assert x_train.shape == (120, 32, 32, 3) and x_test.shape == (24, 32, 32, 3)
+        assert x_train.dtype == np.uint8 and y_train.dtype == y_test.dtype == np.int32
+        np.testing.assert_array_equal(x_train, images[:5].reshape(120, 32, 32, 3))
+        np.testing.assert_array_equal(y_train, labels[:5].reshape(-1))
+        np.testing.assert_array_equal(x_test, images[5])
+        np.testing.assert_array_equal(y_test, labels[5])
+
+
+def test_cifar10_download_is_verified_and_extracted(tmp_path, monkeypatch):
+    src = tmp_path / "src" / "cifar-10-batches-py"
+    src.mkdir(parents=True)
+    images = np.random.default_rng(1).integers(0, 256, (6, 3, 32, 32, 3), dtype=np.uint8)
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        _write_cifar_batch(src / name, images[i], [i] * 3)
+    archive = tmp_path / "fixture.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    payload = archive.read_bytes()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(payload))
+    # A corrupted download is rejected ...
+    monkeypatch.setitem(load_small.__globals__, "CIFAR10_MD5", "0" * 32)
+    with pytest.raises(ConfigError, match="md5"):
+        load_small("cifar10", tmp_path / "dl")
+    # ... and a good one is kept and extracted.
+    monkeypatch.setitem(load_small.__globals__, "CIFAR10_MD5", hashlib.md5(payload).hexdigest())
+    x_train, y_train, x_test, y_test = load_small("cifar10", tmp_path / "dl")
+    np.testing.assert_array_equal(x_train, images[:5].reshape(15, 32, 32, 3))
+    np.testing.assert_array_equal(y_test, [5, 5, 5])
+    assert (tmp_path / "dl" / "cifar-10-python.tar.gz").read_bytes() == payload
+
+
+def test_cifar10_missing_without_network(tmp_path, monkeypatch):
+    calls = []
+
+    def offline(url, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(ConfigError, match="--data-dir") as e:
+        load_small("cifar10", tmp_path / "nowhere")
+    assert "cifar-10-python.tar.gz" in str(e.value)
+    assert calls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
+
+
+# ---- small_batches / eval_batches ----------------------------------------
+
+
+def _toy(n=103):
+    # Label i marks example i; pixels repeat it so images and labels stay paired.
+    y = np.arange(n, dtype=np.int32)
+    x = np.broadcast_to(y.astype(np.uint8)[:, None, None, None], (n, 4, 4, 1)).copy()
+    return x, y
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(np.array_equal(p[0], q[0]) and np.array_equal(p[1], q[1]) for p, q in zip(a, b))
+
+
+def test_small_batches_epochs_are_fresh_permutations():
+    x, y = _toy()
+    batches = list(small_batches(x, y, 10, seed=3, num_epochs=3))
+    assert len(batches) == 30  # 103 // 10 per epoch, remainder dropped
+    for xb, yb in batches:
+        assert xb.shape == (10, 4, 4, 1) and xb.dtype == np.uint8 and yb.dtype == np.int32
+        np.testing.assert_array_equal(xb[:, 0, 0, 0], yb.astype(np.uint8))
+    epochs = [np.concatenate([b[1] for b in batches[e * 10 : (e + 1) * 10]]) for e in range(3)]
+    for ep in epochs:
+        assert len(set(ep.tolist())) == 100 and ep.min() >= 0 and ep.max() < 103
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    assert _same(batches, list(small_batches(x, y, 10, seed=3, num_epochs=3)))
+    assert not np.array_equal(epochs[0], next(small_batches(x, y, 100, seed=4, num_epochs=1))[1])
+    ordered = next(small_batches(x, y, 100, seed=3, num_epochs=1, shuffle=False))[1]
+    np.testing.assert_array_equal(ordered, np.arange(100))
+
+
+@pytest.mark.parametrize("k", [1, 9, 10, 23])
+def test_small_batches_resume_is_the_tail(k):
+    x, y = _toy()
+    full = list(small_batches(x, y, 10, seed=7, num_epochs=3))
+    tail = list(small_batches(x, y, 10, seed=7, num_epochs=3, start_step=k))
+    assert _same(tail, full[k:])
+    it = small_batches(x, y, 10, seed=7, num_epochs=None, start_step=k)
+    assert _same([next(it) for _ in range(40 - k)], list(small_batches(x, y, 10, seed=7, num_epochs=4))[k:])
+
+
+def _as_process(monkeypatch, index, count):
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+
+
+def test_small_batches_process_shards_are_disjoint(monkeypatch):
+    x, y = _toy()
+    per_process = []
+    for index in range(2):
+        _as_process(monkeypatch, index, 2)
+        per_process.append(list(small_batches(x, y, 10, seed=5, num_epochs=2)))
+    a, b = per_process
+    assert len(a) == len(b) == 20  # 103 -> 102 -> 51 per process -> 10 batches of 5 per epoch
+    assert all(len(batch[1]) == 5 for batch in a + b)
+    for e in range(2):
+        ya = np.concatenate([t[1] for t in a[e * 10 : (e + 1) * 10]])
+        yb = np.concatenate([t[1] for t in b[e * 10 : (e + 1) * 10]])
+        assert len(set(ya.tolist()) | set(yb.tolist())) == 100
+    with pytest.raises(ConfigError, match="--batch-size"):
+        small_batches(x, y, 11, seed=5, num_epochs=1)
+
+
+def test_eval_batches_in_order_and_sharded(monkeypatch):
+    x, y = _toy()
+    batches = list(eval_batches(x, y, 10))
+    assert [len(t[1]) for t in batches] == [10] * 10 + [3]
+    np.testing.assert_array_equal(np.concatenate([t[1] for t in batches]), y)
+    np.testing.assert_array_equal(np.concatenate([t[0] for t in batches]), x)
+    seen = []
+    for index in range(2):
+        _as_process(monkeypatch, index, 2)
+        seen.append(np.concatenate([t[1] for t in eval_batches(x, y, 10)]))
+    assert not set(seen[0].tolist()) & set(seen[1].tolist())
+    assert sorted(np.concatenate(seen).tolist()) == list(range(103))
+
+
+# ---- device-side augmentation --------------------------------------------
+
+
+def test_augment_small_is_reflect_pad_crop_and_flip():
+    x = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    augment = jax.jit(augment_small)
+    out = np.asarray(augment(jax.random.key(0), x))
+    assert out.shape == x.shape and out.dtype == np.uint8
+    padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect")
+    found = []
+    for i in range(len(x)):
+        hits = []
+        for dy in range(9):
+            for dx in range(9):
+                window = padded[i, dy : dy + 32, dx : dx + 32]
+                hits += [(dy, dx, False)] if np.array_equal(out[i], window) else []
+                hits += [(dy, dx, True)] if np.array_equal(out[i], window[:, ::-1]) else []
+        assert len(hits) == 1, f"example {i} is not one translated (flipped) window"
+        found.append(hits[0])
+    assert {f[2] for f in found} == {False, True}
+    assert len({f[:2] for f in found}) > 5
+    assert any(f != (4, 4, False) for f in found)
+    # The same key gives the same augmentation; another key a different one.
+    np.testing.assert_array_equal(out, np.asarray(augment(jax.random.key(0), x)))
+    assert not np.array_equal(out, np.asarray(augment(jax.random.key(1), x)))
+
+
+def test_normalize_is_channel_first():
+    x = np.random.default_rng(1).integers(0, 256, (2, 5, 6, 3), dtype=np.uint8)
+    mean, std = DATASET_SPECS["cifar10"].mean, DATASET_SPECS["cifar10"].std
+    out = np.asarray(normalize(x, mean, std))
+    assert out.shape == (2, 3, 5, 6) and out.dtype == np.float32
+    want = (x[1, 4, 2, 2] - mean[2]) / std[2]
+    assert abs(out[1, 2, 4, 2] - want) < 1e-5
+
+
+# ---- ImageNet ------------------------------------------------------------
+
+# Written out of order; labels follow the sorted wnids. Class k is grey level
+# 20 + 45 k plus a ramp of up to 20 (so crops and flips differ).
+WNIDS = ("n04", "n01", "n03", "n00", "n02")
+
+
+@pytest.fixture
+def imagenet_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for wnid in WNIDS:
+            d = tmp_path / split / wnid
+            d.mkdir(parents=True)
+            for i in range(4):
+                h, w = rng.integers(50, 320, 2)
+                level = 20 + 45 * sorted(WNIDS).index(wnid)
+                row = (level + np.linspace(0, 20, w)).astype(np.uint8)
+                Image.fromarray(np.broadcast_to(row[None, :, None], (h, w, 3)).copy()).save(d / f"{wnid}_{i}.JPEG")
+    (tmp_path / "train" / "n02" / "n02_corrupt.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return tmp_path
+
+
+def _labels_match_pixels(xb, yb):
+    level = xb.reshape(len(xb), -1).mean(1)
+    return np.array_equal(np.abs(level[:, None] - (30 + 45 * np.arange(5))).argmin(1), yb)
+
+
+def test_imagenet_train(imagenet_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        batches = list(imagenet_batches(imagenet_dir, "train", 4, seed=0, num_epochs=1, workers=0))
+    assert len(batches) == 5  # 20 readable images
+    for xb, yb in batches:
+        assert xb.shape == (4, 224, 224, 3) and xb.dtype == np.uint8 and yb.dtype == np.int32
+        assert _labels_match_pixels(xb, yb)
+    assert sorted(np.concatenate([b[1] for b in batches]).tolist()) == sorted(list(range(5)) * 4)
+    bad = [r for r in caplog.records if "n02_corrupt.JPEG" in r.getMessage()]
+    assert len(bad) == 1 and bad[0].levelno == logging.WARNING
+    again = list(imagenet_batches(imagenet_dir, "train", 4, seed=0, num_epochs=1, workers=0))
+    assert _same(batches, again)
+
+
+def test_imagenet_train_resume(imagenet_dir):
+    (imagenet_dir / "train" / "n02" / "n02_corrupt.JPEG").unlink()  # resume is exact only without skips
+    full = list(imagenet_batches(imagenet_dir, "train", 4, seed=1, num_epochs=2, workers=0))
+    assert len(full) == 10
+    tail = list(imagenet_batches(imagenet_dir, "train", 4, seed=1, num_epochs=2, start_step=7, workers=0))
+    assert _same(tail, full[7:])
+
+
+def test_imagenet_val(imagenet_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        batches = list(imagenet_batches(imagenet_dir, "val", 6, seed=0, num_epochs=1, workers=0))
+    assert [len(b[1]) for b in batches] == [6, 6, 6, 2]
+    assert np.concatenate([b[1] for b in batches]).tolist() == sorted(list(range(5)) * 4)
+    for xb, yb in batches:
+        assert xb.shape[1:] == (224, 224, 3) and xb.dtype == np.uint8 and yb.dtype == np.int32
+        assert _labels_match_pixels(xb, yb)
+    assert not [r for r in caplog.records if "unreadable" in r.getMessage()]
+
+
+def test_imagenet_missing_folder(tmp_path):
+    with pytest.raises(ConfigError, match="--data-dir"):
+        imagenet_batches(tmp_path, "train", 4, seed=0, num_epochs=1, workers=0)
+    with pytest.raises(ConfigError, match="--data-dir"):
+        imagenet_batches(None, "train", 4, seed=0, num_epochs=1, workers=0)
