@@ -10,10 +10,13 @@ small-image pipeline and by the ImageNet-folder pipeline (on a generated JPEG fo
 
     uv run bench.py                       # CPU: wrn16_4, batch 128, 32x32x3, fp32 (~25 min on 2 cores)
     uv run bench.py --quick               # 5 steps per rule, a smoke run
+    uv run bench.py --analyze             # FLOPs and peak memory per rule from XLA, compile only (~3 min)
     python bench.py                       # on a GPU host: adds wrn28_10 b128 and resnet50 b256 224², fp32 and bf16
 
 Writes results/bench_<platform>.csv: platform,model,dtype,method,step_ms,images_per_s,ratio_to_sgd,
-compile_s,peak_mem_mb (pipeline rows have method "pipeline:<name>").
+compile_s,peak_mem_mb (pipeline rows have method "pipeline:<name>"). With --analyze it only compiles
+each step and writes results/bench_<platform>_xla.csv: XLA's FLOP count and peak memory per rule and
+their ratios to sgd, which no other load on the machine can disturb.
 """
 
 import atexit
@@ -46,6 +49,7 @@ class Config:
     imagenet_dir: str | None = None  # a real ImageNet folder for the pipeline benchmark
     out: str = "results"
     quick: bool = False  # 5 timed steps, 1 warm-up: a smoke run
+    analyze: bool = False  # compile only: XLA's FLOP count and peak memory per rule, no timing
 
 
 def default_configs(platform):
@@ -57,7 +61,8 @@ def default_configs(platform):
 
 
 def time_rule(model_name, batch, size, dtype, method, cfg):
-    """(median step seconds, compile seconds, peak MiB) of one rule's full train step."""
+    """(median step seconds, compile seconds, peak MiB, GFLOP) of one rule's full train step; with
+    cfg.analyze the step is compiled, not run (median None)."""
     classes = 1000 if size > 64 else 10
     setup = common.for_dataset("imagenet" if size > 64 else "cifar10", model=model_name, batch_size=batch)
     model, bn = common.make_model(model_name, classes, common.activation("gelu"), jax.random.key(0))
@@ -83,6 +88,9 @@ def time_rule(model_name, batch, size, dtype, method, cfg):
         peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                 - mem.alias_size_in_bytes) / 2**20
 
+    gflop = (compiled.cost_analysis() or {}).get("flops", float("nan")) / 1e9
+    if cfg.analyze:
+        return None, compile_s, peak, gflop
     times = []
     for i in range(cfg.warmup + cfg.steps):
         t = time.perf_counter()
@@ -92,7 +100,7 @@ def time_rule(model_name, batch, size, dtype, method, cfg):
             times.append(time.perf_counter() - t)
     if not np.isfinite(float(metrics["loss"])):
         raise RuntimeError(f"{model_name} {method}: non-finite loss in the benchmark")
-    return statistics.median(times), compile_s, peak
+    return statistics.median(times), compile_s, peak, gflop
 
 
 def pipeline_rate(batches, n, batch):
@@ -130,7 +138,7 @@ def pipelines(cfg, platform):
     if cfg.imagenet_dir:
         root = cfg.imagenet_dir
     else:  # removed at exit, after Grain's own exit handler has stopped its workers
-        root = jpeg_folder(tempfile.mkdtemp(prefix="bench_jpegs_"))
+        root = jpeg_folder(tempfile.mkdtemp(prefix="bench_jpegs_"), per_class=16 if cfg.quick else 64)
         atexit.register(shutil.rmtree, root, ignore_errors=True)
     batches = common.imagenet_batches(root, "train", 64, seed=0, num_epochs=None)
     rate = pipeline_rate(batches, cfg.pipeline_batches, 64)
@@ -139,8 +147,8 @@ def pipelines(cfg, platform):
     return rows
 
 
-def main():
-    cfg = common.parse_config(Config, doc=__doc__)
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, __doc__)
     if cfg.quick:
         cfg = dataclasses.replace(cfg, steps=5, warmup=1, pipeline_batches=5)
     for m in cfg.methods:
@@ -153,29 +161,39 @@ def main():
             batch, size = int(batch), int(size)
         except ValueError:
             raise common.ConfigError(f"--configs: {spec!r} is not model:batch:image_size:dtype")
-        base = None
+        base = base_flop = base_mem = None
         for method in cfg.methods:
-            sec, compile_s, peak = time_rule(model_name, batch, size, dtype, method, cfg)
-            base = sec if method == "sgd" else base
-            row = dict(platform=platform, model=model_name, dtype=dtype, method=method, step_ms=1e3 * sec,
-                       images_per_s=batch / sec, ratio_to_sgd=sec / base if base else None, compile_s=compile_s,
-                       peak_mem_mb=peak)
+            sec, compile_s, peak, gflop = time_rule(model_name, batch, size, dtype, method, cfg)
+            if method == "sgd":
+                base, base_flop, base_mem = sec, gflop, peak
+            row = dict(platform=platform, model=model_name, dtype=dtype, method=method, compile_s=compile_s,
+                       peak_mem_mb=peak, gflop=gflop, flop_ratio=gflop / base_flop if base_flop else None,
+                       mem_ratio=peak / base_mem if base_mem and peak else None)
+            if sec is not None:
+                row |= dict(step_ms=1e3 * sec, images_per_s=batch / sec, ratio_to_sgd=sec / base if base else None)
             rows.append(row)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)
-    rows += pipelines(cfg, platform)
     os.makedirs(cfg.out, exist_ok=True)
-    path = os.path.join(cfg.out, f"bench_{platform}.csv")
+    if cfg.analyze:
+        path = os.path.join(cfg.out, f"bench_{platform}_xla.csv")
+        columns = ("platform", "model", "dtype", "method", "gflop", "flop_ratio", "peak_mem_mb", "mem_ratio")
+    else:
+        rows += pipelines(cfg, platform)
+        path = os.path.join(cfg.out, f"bench_{platform}.csv")
+        columns = COLUMNS
     with open(path, "w") as f:
-        f.write(",".join(COLUMNS) + "\n")
+        f.write(",".join(columns) + "\n")
         for r in rows:
             f.write(",".join("" if r.get(c) is None else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))
-                             for c in COLUMNS) + "\n")
-    print(f"\n{'model':10} {'dtype':9} {'method':30} {'step_ms':>9} {'img/s':>9} {'ratio':>6} {'compile':>8} {'MiB':>8}")
+                             for c in columns) + "\n")
+    print(f"\n{'model':10} {'dtype':9} {'method':30} {'step_ms':>9} {'img/s':>9} {'ratio':>6} {'compile':>8} {'MiB':>8}"
+          f" {'GFLOP':>8} {'flops':>6} {'mem':>6}")
     for r in rows:
         f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-".rjust(int(fmt.split(".")[0]))
         print(f"{r['model']:10} {r['dtype']:9} {r['method']:30} {f('step_ms', '9.1f')} {f('images_per_s', '9.0f')} "
-              f"{f('ratio_to_sgd', '6.2f')} {f('compile_s', '8.1f')} {f('peak_mem_mb', '8.0f')}")
+              f"{f('ratio_to_sgd', '6.2f')} {f('compile_s', '8.1f')} {f('peak_mem_mb', '8.0f')} {f('gflop', '8.1f')} "
+              f"{f('flop_ratio', '6.2f')} {f('mem_ratio', '6.2f')}")
     print(f"wrote {path}")
 
 
