@@ -12,7 +12,7 @@ layer, so the loss is piecewise quadratic and the NME carries little information
 region boundaries show only as jumps); with β-GELU the NME is large only within ~1/β of those
 boundaries, an "edge detector" for switching between linear regions.
 
-    uv run python fig1_nme_landscape.py                # relu and β-GELU at β = 1, 4, 16: 42 s
+    uv run python fig1_nme_landscape.py                # relu and β-GELU at β = 1, 4, 16: 25 s
     uv run python fig1_nme_landscape.py --betas 2 8 32 --grid 201 --out /tmp/fig1
     uv run python fig1_nme_landscape.py --plot-only    # redraw the PNG from the CSV
     uv run python fig1_nme_landscape.py --smoke --out /tmp/smoke       # 11x11 grid, β = 1 and 16: ~20 s
@@ -22,7 +22,7 @@ grid points per activation, appended as it finishes; rerunning skips the activat
 there, so use a new --out for a changed grid), .png (one row per activation: loss left, ‖NME‖_F
 right, log colour scale) and .config.json. No dataset, no training: --dataset etc. do not apply.
 
-Measured (2 CPU cores shared with another job; 101x101 grid, 113 parameters): 42 s. ‖NME‖_F over the
+Measured (2 CPU cores; 101x101 grid, 113 parameters): 24 s. ‖NME‖_F over the
 grid, median / max: relu 5.3 / 15.7, piecewise constant with jumps at the region boundaries;
 β-GELU β = 1: 4.1 / 16.2, smooth; β = 4: 6.0 / 24; β = 16: 6.4 / 72, concentrated in ridges of
 width ~1/β along the same boundaries, as in the paper's Figure 1.

@@ -7,7 +7,7 @@ Three ways to train on it: `weight_noise` (one noisy gradient), `hessian_trace` 
 stays good at large σ², while weight_noise and hessian_trace, which both contain the NME, give
 little and break down at large σ².
 
-    uv run python fig5_weight_noise.py                 # Fashion-MNIST, CPU scale, 2 seeds: 5 min
+    uv run python fig5_weight_noise.py                 # Fashion-MNIST, CPU scale, 2 seeds: 4.5 min
     uv run python fig5_weight_noise.py --seeds 5 --methods gn_trace hessian_trace
     uv run python fig5_weight_noise.py --dataset cifar10 --seeds 5    # paper setup: WRN-28-10, 200 epochs
     uv run python fig5_weight_noise.py --dataset imagenet --data-dir /data/imagenet --seeds 5
@@ -19,8 +19,8 @@ run finishes; rerunning skips the rows already there, so use a new --out for a c
 .png (one panel per activation, mean ± std over seeds) and .config.json. At σ² = 0 every method
 is plain SGD.
 
-CPU-scale result (mlp256 on 1024 Fashion-MNIST images, 30 epochs, 2 seeds; 308 s on 2 CPU cores
-shared with another job). The σ² = 0 baselines reach train accuracy 0.999. Mean test accuracy:
+CPU-scale result (mlp256 on 1024 Fashion-MNIST images, 30 epochs, 2 seeds; 255 s on 2 CPU cores).
+The σ² = 0 baselines reach train accuracy 0.999. Mean test accuracy (results/):
 
     σ²                   0       1e-4    3e-4    1e-3    3e-3    1e-2
     relu weight_noise    0.8079  0.8087  0.8095  0.8061  0.7906  0.7429

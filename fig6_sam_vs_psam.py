@@ -6,7 +6,7 @@ insensitive to the activation, while PSAM with ReLU falls well below SAM at larg
 GELU follows SAM: the finite step recovers the curvature information that ReLU's zero second
 derivative hides from the exact Hessian product.
 
-    uv run python fig6_sam_vs_psam.py                  # Fashion-MNIST, CPU scale, 2 seeds: 2.6 min
+    uv run python fig6_sam_vs_psam.py                  # Fashion-MNIST, CPU scale, 2 seeds: 3 min
     uv run python fig6_sam_vs_psam.py --seeds 5 --rhos 0 0.1 0.3
     uv run python fig6_sam_vs_psam.py --dataset imagenet --data-dir /data/imagenet   # paper setup
     uv run python fig6_sam_vs_psam.py --dataset cifar10                # WRN-28-10, 200 epochs
@@ -17,8 +17,8 @@ Writes <out>/fig6_sam_vs_psam.csv (one row per (ρ, method, activation, seed), a
 finishes; rerunning skips the rows already there, so use a new --out for a changed setup), .png
 (one panel per activation, mean ± std over seeds) and .config.json.
 
-CPU-scale result (mlp256 on 1024 Fashion-MNIST images, 50 epochs, 2 seeds; 158 s on 2 CPU cores).
-Every ρ = 0 baseline interpolates (train accuracy 1.000). Mean test accuracy:
+CPU-scale result (mlp256 on 1024 Fashion-MNIST images, 50 epochs, 2 seeds; 165 s on 2 CPU cores).
+Every ρ = 0 baseline interpolates (train accuracy 1.000). Mean test accuracy (results/):
 
     ρ                0       0.01    0.03    0.1     0.3
     relu sam         0.8085  0.8070  0.8074  0.8109  0.8122
