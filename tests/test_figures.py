@@ -23,11 +23,11 @@ RESULT = ("test_accuracy", "test_loss", "train_loss", "train_accuracy", "diverge
 # script -> (CSV columns, rows of its --smoke run)
 SMOKE = {
     "fig1_nme_landscape": (("w1", "w2", "activation", "beta", "loss", "nme_norm"), 3 * 11 * 11),  # relu, β 1 and 16
-    "fig2_gp_relu_gelu": (("rho", "method", "activation", "dataset", "model", "seed") + RESULT, 2 * 2),
-    "fig3_beta_gelu": (("beta", "rho", "method", "activation", "dataset", "model", "seed") + RESULT, 2 * 2),
-    "fig4_aug_dim": (("rho", "beta", "method", "activation", "dataset", "model", "seed") + RESULT, 2 * 4),
-    "fig5_weight_noise": (("sigma2", "method", "activation", "dataset", "model", "seed") + RESULT, 2 * 3),
-    "fig6_sam_vs_psam": (("rho", "method", "activation", "dataset", "model", "seed") + RESULT, 2 * 2 * 2),
+    "fig2_gp_relu_gelu": (("rho",) + common.RUN_KEY + RESULT, 2 * 2),
+    "fig3_beta_gelu": (("beta", "rho") + common.RUN_KEY + RESULT, 2 * 2),
+    "fig4_aug_dim": (("rho", "beta") + common.RUN_KEY + RESULT, 2 * 4),
+    "fig5_weight_noise": (("sigma2",) + common.RUN_KEY + RESULT, 2 * 3),
+    "fig6_sam_vs_psam": (("rho",) + common.RUN_KEY + RESULT, 2 * 2 * 2),
 }
 TRAINING = [s for s in SMOKE if s != "fig1_nme_landscape"]
 
