@@ -36,6 +36,11 @@ def run(name, loss_fn, params, batch, key=jax.random.key(7), **kw):
     return jax.jit(lambda p, k: RULES[name](loss_fn, p, None, batch, k, hp(**kw)))(params, key)
 
 
+def run_all(names, loss_fn, params, batch, key=jax.random.key(7), **kw):
+    """Several rules in one compiled function (one compile instead of one per rule)."""
+    return jax.jit(lambda p, k: {n: RULES[n](loss_fn, p, None, batch, k, hp(**kw)) for n in names})(params, key)
+
+
 def flat_of(tree):
     return ravel_pytree(tree)[0]
 
@@ -53,8 +58,9 @@ def test_deterministic_rules_match_dense_formulas(act):
         "sam": jax.grad(L)(w + RHO * g / n),  # Eq. 42
         "usam": jax.grad(L)(w + RHO * g),  # Eq. 43
     }
+    steps = run_all(list(expect), loss_fn, params, batch)
     for name, ref in expect.items():
-        step = run(name, loss_fn, params, batch)
+        step = steps[name]
         np.testing.assert_allclose(flat_of(step.direction), ref, rtol=1e-10, atol=1e-13, err_msg=name)
         assert float(step.loss) == pytest.approx(float(L(w)), rel=1e-12)
         assert float(step.grad_norm) == pytest.approx(float(n), rel=1e-12)
@@ -159,8 +165,8 @@ def test_weight_noise_sample_is_sigma_times_normal():
     eps = flat_of(tree_normal(key, params))
     step = run("weight_noise", loss_fn, params, batch, key, sigma2=0.04)
     np.testing.assert_allclose(flat_of(step.direction), jax.grad(L)(w + 0.2 * eps), rtol=1e-5, atol=1e-6)
-    for name in RULES:  # every penalty vanishes at ρ = σ² = 0
-        s = run(name, loss_fn, params, batch, key, rho=0.0, sigma2=0.0)
+    for name, s in run_all(list(RULES), loss_fn, params, batch, key, rho=0.0, sigma2=0.0).items():
+        # every penalty vanishes at ρ = σ² = 0
         np.testing.assert_allclose(flat_of(s.direction), jax.grad(L)(w), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
