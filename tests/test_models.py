@@ -98,10 +98,10 @@ def test_bn_training_normalises_by_batch_and_updates_running_stats():
     y = np.asarray(y)
     np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0.0, atol=1e-5)
     np.testing.assert_allclose(y.var(axis=(0, 2, 3)), 1.0, rtol=1e-3)
-    counter, (mean, var) = state.get(bn.norm.batch_counter), state.get(bn.norm.batch_state_index)
-    assert int(counter) == 1
-    np.testing.assert_allclose(mean, 0.1 * x.mean(axis=(0, 2, 3)), rtol=1e-5)
-    np.testing.assert_allclose(var, 0.9 + 0.1 * x.var(axis=(0, 2, 3)), rtol=1e-5)  # Equinox's EMA starts at 1
+    n, mean, var = state.get(bn.index)
+    assert int(n) == 1
+    np.testing.assert_allclose(mean, 0.1 * x.mean(axis=(0, 2, 3)), rtol=1e-5)  # EMAs start at 0
+    np.testing.assert_allclose(var, 0.1 * x.var(axis=(0, 2, 3)), rtol=1e-5)
 
 
 def test_inference_mode_uses_running_stats():
@@ -115,14 +115,18 @@ def test_inference_mode_uses_running_stats():
     np.testing.assert_allclose(part, full[:3], rtol=1e-5, atol=1e-6)  # independent of the batch
     train, _ = _run(model, x[:3], state)
     assert not np.allclose(train, full[:3], atol=1e-3)
-    assert int(after.get(model.conv.bn.norm.batch_counter)) == 3  # left alone
-    # Normalised by Equinox's debiased running statistics.
-    mean, var = map(np.asarray, state.get(model.conv.bn.norm.batch_state_index))
-    scale = 1 - 0.9**3
+    assert int(after.get(model.conv.bn.index)[0]) == 3  # left alone
+    # Normalised by the debiased running statistics: after 3 updates of one batch, its own statistics.
     h = _randn(6, (3, 8, 6, 6))
-    want = (h - (mean / scale)[:, None, None]) / np.sqrt(var / scale + 1e-5)[:, None, None]
+    pre = np.asarray(jax.vmap(model.conv.conv)(x))  # the BN layer's input on the batch seen
+    mean, var = pre.mean(axis=(0, 2, 3)), pre.var(axis=(0, 2, 3))
+    want = (h - mean[:, None, None]) / np.sqrt(var + 1e-5)[:, None, None]
     got, _ = _run(ev.conv.bn, h, state)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # Before any update: mean 0, variance 1.
+    bn, fresh_state = eqx.nn.make_with_state(BN)(8)
+    fresh, _ = _run(eqx.nn.inference_mode(bn), h, fresh_state)
+    np.testing.assert_allclose(fresh, h / np.sqrt(1 + 1e-5), rtol=1e-6)
 
 
 def test_bf16_forward_keeps_fp32_statistics_and_state():
@@ -140,11 +144,11 @@ def test_bf16_forward_keeps_fp32_statistics_and_state():
     bn = model.conv.bn
     h = (1000.0 + _randn(5, (8, 8, 4, 4))).astype(jnp.bfloat16)
     y, new = _run(_bf16(bn), h, state)
-    mean, var = new.get(bn.norm.batch_state_index)
+    _, mean, var = new.get(bn.index)
     assert y.dtype == jnp.bfloat16 and mean.dtype == var.dtype == jnp.float32
     h32 = h.astype(np.float32)
     np.testing.assert_allclose(mean, 0.1 * h32.mean(axis=(0, 2, 3)), rtol=1e-6)
-    np.testing.assert_allclose(var, 0.9 + 0.1 * h32.var(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(var, 0.1 * h32.var(axis=(0, 2, 3)), rtol=1e-5)
 
 
 @eqx.filter_jit

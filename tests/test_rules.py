@@ -63,7 +63,6 @@ def test_deterministic_rules_match_dense_formulas(act):
         step = steps[name]
         np.testing.assert_allclose(flat_of(step.direction), ref, rtol=1e-10, atol=1e-13, err_msg=name)
         assert float(step.loss) == pytest.approx(float(L(w)), rel=1e-12)
-        assert float(step.grad_norm) == pytest.approx(float(n), rel=1e-12)
     # The penalties move the direction by much more than the tolerance (the test can fail).
     for name in ("gp_p1", "gp_p2", "sam", "usam"):
         assert float(jnp.linalg.norm(expect[name] - g)) > 1e-4 * float(n), name
