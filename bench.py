@@ -8,7 +8,7 @@ and the step's peak device memory from XLA's memory analysis of the compiled ste
 small-image pipeline and by the ImageNet-folder pipeline (on a generated JPEG folder unless
 --imagenet-dir is given), with the worker count chosen for the machine.
 
-    uv run bench.py                       # CPU: wrn16_4, batch 128, 32x32x3, fp32 (~25 min on 2 cores)
+    uv run bench.py                       # CPU: wrn16_4, batch 128, 32x32x3, fp32 (over an hour on 2 cores)
     uv run bench.py --quick               # 5 steps per rule, a smoke run
     uv run bench.py --analyze             # FLOPs and peak memory per rule from XLA, compile only (~3 min)
     python bench.py                       # on a GPU host: adds wrn28_10 b128 and resnet50 b256 224², fp32 and bf16
@@ -67,7 +67,7 @@ def time_rule(model_name, batch, size, dtype, method, cfg):
     setup = common.for_dataset("imagenet" if size > 64 else "cifar10", model=model_name, batch_size=batch)
     model, bn = common.make_model(model_name, classes, common.activation("gelu"), jax.random.key(0))
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    tx, _ = common.make_optimizer(setup, params, total_steps=10_000, steps_per_epoch=100)
+    tx, _ = common.make_optimizer(setup, total_steps=10_000, steps_per_epoch=100)
     dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     step = common.make_train_step(static, common.rule(method), tx, dt, size <= 64, (120.0,) * 3, (60.0,) * 3)
     mesh = common.data_mesh()

@@ -3,7 +3,6 @@ import io
 import logging
 import pickle
 import shutil
-import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -14,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common import (DATASET_SPECS, ConfigError, augment_small, eval_batches, imagenet_batches, load_small,
+                    normalize, small_batches)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from common import DATASET_SPECS, ConfigError, augment_small, eval_batches, imagenet_batches, load_small, normalize, small_batches  # noqa: E402
 
 FMNIST = REPO / "data" / "fashion-mnist"
 

@@ -1,17 +1,13 @@
 import functools
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
 
-import equinox as eqx  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import pytest  # noqa: E402
-
-from common import BN, ConfigError, apply, count_params, decay_mask, make_model  # noqa: E402
+from common import BN, ConfigError, apply, count_params, decay_mask, make_model
 
 # Compiles dominate on CPU: shapes and activation sites are checked by tracing (eval_shape) for every
 # model; real forward passes use small models, the zero-init check single ResNet blocks.

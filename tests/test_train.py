@@ -136,12 +136,12 @@ def test_schedule_and_weight_decay_mask():
     model, _ = common.make_model("tiny", 3, common.activation("relu"), jax.random.key(0))
     params = eqx.filter(model, eqx.is_inexact_array)
     cfg = common.for_dataset("imagenet", warmup_epochs=2)
-    tx, schedule = common.make_optimizer(cfg, params, total_steps=100, steps_per_epoch=10)
+    tx, schedule = common.make_optimizer(cfg, total_steps=100, steps_per_epoch=10)
     assert float(schedule(0)) == 0 and float(schedule(10)) == pytest.approx(0.5)
     assert float(schedule(20)) == pytest.approx(1.0) and float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
     zeros = jax.tree.map(jnp.zeros_like, params)
     for setup, bn_decayed in (("imagenet", False), ("cifar10", True)):
-        tx, _ = common.make_optimizer(common.for_dataset(setup, warmup_epochs=2), params, 100, 10)
+        tx, _ = common.make_optimizer(common.for_dataset(setup, warmup_epochs=2), 100, 10)
         state = tx.init(params)
         _, state = tx.update(zeros, state, params)  # count 0: schedule 0
         upd, _ = tx.update(zeros, state, params)  # zero gradient: the update is the decay term only
