@@ -51,12 +51,12 @@ def _tiny_step(method):
     return params, state, tx.init(params), step
 
 
-@pytest.mark.parametrize("method", ["sgd", "gp_p1", "sam"])
+@pytest.mark.parametrize("method", ["sgd", "gp_p1", "sam", "hessian_trace", "gn_trace"])
 def test_sharded_step_equals_single_device(method):
-    """Global view: BatchNorm statistics and ‖g‖ cover the global batch, so 4 devices == 1 device."""
+    """Global view: BatchNorm statistics, ‖g‖, ε and ŷ cover the global batch, so 4 devices == 1 device."""
     assert jax.device_count() == 4  # conftest simulates 4 CPU devices
     x, y = separable(64, 2)
-    hp = {k: jnp.float32(v) for k, v in (("lr", 0.1), ("rho", 0.1), ("sigma2", 0.0))}
+    hp = {k: jnp.float32(v) for k, v in (("lr", 0.1), ("rho", 0.1), ("sigma2", 0.01))}
     out = {}
     for n in (1, 4):
         mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
