@@ -1681,13 +1681,20 @@ def sweep(name: str, cfg, runs: list, swept: tuple, run_one: Callable[[TrainConf
 def plot_sweep(csv_path, png_path, x: str, series: str, title: str, *, logx=False, xlabel=None,
                y="test_accuracy", facet: str | None = None) -> None:
     """Mean over seeds of `y` against `x`, one line per value of `series` (one panel per value of
-    `facet`), with a ±1 std band; diverged runs are marked with an x on the bottom axis."""
+    `facet`), with a ±1 std band; diverged runs are marked with an x on the bottom axis. `title` and
+    `xlabel` may name CSV columns ("{method}"), filled from the first row; the title ends with the
+    dataset/model setups and the number of seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_rows(csv_path)
+    if not rows:
+        raise ConfigError(f"no results in {csv_path} to plot")
+    setups = ", ".join(sorted({f"{r['dataset']} {r['model']}" for r in rows}))
+    title = f"{title.format_map(rows[0])}, {setups}, seeds: {len({r['seed'] for r in rows})}"
+    xlabel = (xlabel or x).format_map(rows[0])
     panels = sorted({r[facet] for r in rows}) if facet else [None]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -1707,7 +1714,7 @@ def plot_sweep(csv_path, png_path, x: str, series: str, title: str, *, logx=Fals
                         clip_on=False, markersize=9, label=f"{name}: diverged")
         if logx:
             ax.set_xscale("symlog", linthresh=min([float(r[x]) for r in sub if float(r[x]) > 0] or [1.0]))
-        ax.set_xlabel(xlabel or x)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(y.replace("_", " "))
         ax.set_title(title if panel is None else f"{title}\n{facet} = {panel}", fontsize=10)
         ax.grid(alpha=0.3)
