@@ -1,22 +1,27 @@
-"""Cost of every update rule as a ratio to SGD, measured side by side in one process.
+"""Cost of every update rule, and of the curvature probe, as a ratio to SGD, measured side by side in
+one process; and the input pipelines.
 
 For each configuration and rule: the full jitted train step (augmentation, loss, rule, optimizer,
 BatchNorm state) after compilation, on synthetic data already on the device; the median of --steps
 timed steps (block_until_ready each), images/s, the ratio to sgd of the same run, the compile time,
 and the step's peak device memory from XLA's memory analysis of the compiled step (arguments + outputs
-+ temporaries − donated aliases). Then the input pipelines alone: images/s delivered by the
-small-image pipeline and by the ImageNet-folder pipeline (on a generated JPEG folder unless
---imagenet-dir is given), with the worker count chosen for the machine.
++ temporaries − donated aliases). "probe" is one call of the curvature probe on a batch of the same
+size. Then the input pipelines: images/s delivered by the small-image pipeline; per core (one
+process, CPU time), the ImageNet decoding transforms of this repo against full-size decoding, on
+photo-like 300-500 px JPEGs (or --imagenet-dir); and the ImageNet-folder pipeline with one worker
+per core.
 
     uv run bench.py                       # CPU: wrn16_4, batch 128, 32x32x3, fp32 (over an hour on 2 cores)
+    uv run bench.py --configs cnn16:128:32:float32      # the timed CPU run of the README
     uv run bench.py --quick               # 5 steps per rule, a smoke run
-    uv run bench.py --analyze             # FLOPs and peak memory per rule from XLA, compile only (~3 min)
-    python bench.py                       # on a GPU host: adds wrn28_10 b128 and resnet50 b256 224², fp32 and bf16
+    uv run bench.py --analyze             # FLOPs and peak memory per rule from XLA, compile only
+    uv run --extra cuda13 bench.py        # GPU: adds wrn28_10 b128 and resnet50 b256 224², fp32 and bf16
 
-Writes results/bench_<platform>.csv: platform,model,dtype,method,step_ms,images_per_s,ratio_to_sgd,
-compile_s,peak_mem_mb (pipeline rows have method "pipeline:<name>"). With --analyze it only compiles
-each step and writes results/bench_<platform>_xla.csv: XLA's FLOP count and peak memory per rule and
-their ratios to sgd, which no other load on the machine can disturb.
+Writes <out>/bench_<platform>.csv: platform,model,dtype,method,step_ms,images_per_s,ratio_to_sgd,
+compile_s,peak_mem_mb (pipeline rows have method "pipeline:<name>" or "decode_per_core:<name>"), row
+by row, so an interrupted run keeps what it measured. With --analyze it only compiles each function
+and writes <out>/bench_<platform>_xla.csv: XLA's FLOP count and peak memory and their ratios to sgd,
+which no other load on the machine can disturb.
 """
 
 import atexit
@@ -34,7 +39,7 @@ import numpy as np
 
 import common
 
-METHODS = ("sgd", "gp_p1", "gp_p2", "sam", "usam", "weight_noise", "hessian_trace", "gn_trace")
+METHODS = ("sgd", "gp_p1", "gp_p2", "sam", "usam", "weight_noise", "hessian_trace", "gn_trace", "probe")
 COLUMNS = ("platform", "model", "dtype", "method", "step_ms", "images_per_s", "ratio_to_sgd", "compile_s",
            "peak_mem_mb")
 
@@ -50,6 +55,7 @@ class Config:
     out: str = "results"
     quick: bool = False  # 5 timed steps, 1 warm-up: a smoke run
     analyze: bool = False  # compile only: XLA's FLOP count and peak memory per rule, no timing
+    gpu_quick: bool = False  # the GPU check (README): WRN-28-10 fp32/bf16, ResNet-50 bf16, pipeline, a fig2 run
 
 
 def default_configs(platform):
@@ -61,26 +67,37 @@ def default_configs(platform):
 
 
 def time_rule(model_name, batch, size, dtype, method, cfg):
-    """(median step seconds, compile seconds, peak MiB, GFLOP) of one rule's full train step; with
-    cfg.analyze the step is compiled, not run (median None)."""
+    """(median step seconds, compile seconds, peak MiB, GFLOP) of one rule's full train step, or with
+    method "probe" of the curvature probe (8 trace samples per estimator, 20 Lanczos steps) on a batch
+    of the same size; with cfg.analyze the function is compiled, not run (median None)."""
     classes = 1000 if size > 64 else 10
-    setup = common.for_dataset("imagenet" if size > 64 else "cifar10", model=model_name, batch_size=batch)
+    rule = "sgd" if method == "probe" else method
+    setup = common.for_dataset("imagenet" if size > 64 else "cifar10", model=model_name, batch_size=batch,
+                               method=rule, dtype=dtype, rho=0.05, sigma2=1e-4, lr=0.01, activation="gelu")
+    net = common.NetSpec(model_name, "gelu", classes, 3)
+    spec = common.StepSpec(net, rule, dtype, size <= 64, (120.0,) * 3, (60.0,) * 3, setup.nesterov,
+                           setup.decay_norm_and_bias, 100, 10_000)
     model, bn = common.make_model(model_name, classes, common.activation("gelu"), jax.random.key(0))
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    tx, _ = common.make_optimizer(setup, total_steps=10_000, steps_per_epoch=100)
-    dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    step = common.make_train_step(static, common.rule(method), tx, dt, size <= 64, (120.0,) * 3, (60.0,) * 3)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    hp = common.Hyper.of(setup)
     mesh = common.data_mesh()
     rep = jax.sharding.NamedSharding(mesh, jax.P())
     rng = np.random.default_rng(0)
     x, y = common._global(mesh, rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
                           rng.integers(0, classes, batch).astype(np.int32))
-    hp = jax.device_put({"lr": jnp.float32(0.01), "rho": jnp.float32(0.05), "sigma2": jnp.float32(1e-4)}, rep)
-    state = jax.device_put((params, tx.init(params), bn), rep)
+    state = jax.device_put((params, common.make_optimizer(spec, hp)[0].init(params), bn), rep)
+    hp = jax.device_put(hp, rep)
     key = jax.random.key(1)
+    if method == "probe":
+        lower = lambda: common.probe_step.lower(net, spec.mean, spec.std, state[0], state[2], hp.beta, x, y, key)
+        call = lambda compiled, state, i: (state, compiled(state[0], state[2], hp.beta, x, y, key))
+    else:
+        lower = lambda: common.train_step.lower(spec, *state, x, y, key, hp)
+        call = lambda compiled, state, i: (lambda out: (out[:3], out[3]))(
+            compiled(*state, x, y, jax.random.fold_in(key, i), hp))
 
     t = time.perf_counter()
-    compiled = step.lower(*state, x, y, key, hp).compile()
+    compiled = lower().compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     peak = None
@@ -94,7 +111,7 @@ def time_rule(model_name, batch, size, dtype, method, cfg):
     times = []
     for i in range(cfg.warmup + cfg.steps):
         t = time.perf_counter()
-        *state, metrics = compiled(*state, x, y, jax.random.fold_in(key, i), hp)
+        state, metrics = call(compiled, state, i)
         jax.block_until_ready((state, metrics))
         if i >= cfg.warmup:
             times.append(time.perf_counter() - t)
@@ -112,8 +129,25 @@ def pipeline_rate(batches, n, batch):
     return n * batch / (time.perf_counter() - t)
 
 
-def jpeg_folder(root, classes=4, per_class=64):
-    """A small ImageNet-layout folder of random-size JPEGs, for the pipeline benchmark."""
+def photo(rng, h, w):
+    """A photo-like RGB image: 1/f-spectrum luminance and colour fields plus mild noise (white noise
+    would decode unrealistically slowly); at quality 90 about 0.55 bytes per pixel, as ImageNet."""
+
+    def field(alpha):
+        f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :])
+        f[0, 0] = 1
+        spec = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f**alpha
+        spec[0, 0] = 0
+        x = np.fft.irfft2(spec, s=(h, w))
+        return x / x.std()
+
+    mix = np.array([[1, 0.5, 0.2], [1, -0.3, 0.1], [1, 0.1, -0.5]])
+    x = rng.uniform(80, 170, 3) + 40 * np.stack([field(1.0), 0.4 * field(1.3), 0.4 * field(1.3)], -1) @ mix.T
+    return np.clip(x + rng.normal(0, 2, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def jpeg_folder(root, classes=4, per_class=64, sides=(300, 501)):
+    """An ImageNet-layout folder of photo-like JPEGs with each side uniform in `sides`."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -122,10 +156,53 @@ def jpeg_folder(root, classes=4, per_class=64):
             d = os.path.join(root, split, f"n{c:08d}")
             os.makedirs(d, exist_ok=True)
             for i in range(per_class):
-                h, w = rng.integers(300, 500, 2)
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-                    os.path.join(d, f"{i}.JPEG"), quality=90)
+                h, w = rng.integers(*sides, 2)
+                Image.fromarray(photo(rng, h, w)).save(os.path.join(d, f"{i}.JPEG"), quality=90)
     return root
+
+
+def full_decode_train(record, rng):
+    """The reference transform: decode at full size, random-resized-crop, flip (before reduced decoding)."""
+    from PIL import Image
+
+    path, label = record
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    box = common._random_resized_crop(im.width, im.height, rng)
+    x = np.asarray(im.resize((224, 224), Image.BILINEAR, box=box))
+    return np.ascontiguousarray(x[:, ::-1] if rng.random() < 0.5 else x), np.int32(label)
+
+
+def full_decode_eval(record):
+    from PIL import Image
+
+    path, label = record
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    s = 256 / min(im.width, im.height)
+    w, h = max(224, round(im.width * s)), max(224, round(im.height * s))
+    im = im.resize((w, h), Image.BILINEAR)
+    left, top = (w - 224) // 2, (h - 224) // 2
+    return np.asarray(im.crop((left, top, left + 224, top + 224))), np.int32(label)
+
+
+def decode_rates(source, repeats=3):
+    """Images per CPU-second of one process, reference vs this repo's transforms, interleaved image by
+    image (so machine load hits both alike); the median of `repeats` passes."""
+    fns = {"train_full_decode": lambda r: full_decode_train(r, np.random.default_rng(0)),
+           "train": lambda r: common._imagenet_train(r, np.random.default_rng(0)),
+           "eval_full_decode": full_decode_eval, "eval": common._imagenet_eval}
+    rates = {k: [] for k in fns}
+    for _ in range(repeats):
+        spent = dict.fromkeys(fns, 0.0)
+        for i in range(len(source)):
+            for k, f in fns.items():
+                t = time.process_time()
+                f(source[i])
+                spent[k] += time.process_time() - t
+        for k in fns:
+            rates[k].append(len(source) / spent[k])
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def pipelines(cfg, platform):
@@ -140,61 +217,100 @@ def pipelines(cfg, platform):
     else:  # removed at exit, after Grain's own exit handler has stopped its workers
         root = jpeg_folder(tempfile.mkdtemp(prefix="bench_jpegs_"), per_class=16 if cfg.quick else 64)
         atexit.register(shutil.rmtree, root, ignore_errors=True)
-    batches = common.imagenet_batches(root, "train", 64, seed=0, num_epochs=None)
-    rate = pipeline_rate(batches, cfg.pipeline_batches, 64)
-    rows.append(dict(platform=platform, model="-", dtype="uint8", method="pipeline:imagenet_folder_b64",
-                     images_per_s=rate))
+    data = common.ImageFolder(root)
+    for name, rate in decode_rates(data.sources["train"], repeats=1 if cfg.quick else 3).items():
+        rows.append(dict(platform=platform, model="-", dtype="uint8", method=f"decode_per_core:{name}",
+                         images_per_s=rate))
+    rate = pipeline_rate(data.train(64, seed=0), cfg.pipeline_batches, 64)
+    rows.append(dict(platform=platform, model="-", dtype="uint8", method=f"pipeline:imagenet_folder_b64_"
+                     f"{data.workers or os.cpu_count()}workers", images_per_s=rate))
     return rows
+
+
+GPU_QUICK = dict(configs=("wrn28_10:128:32:float32", "wrn28_10:128:32:bfloat16", "resnet50:256:224:bfloat16"),
+                 methods=("sgd", "gp_p1", "sam", "gn_trace", "hessian_trace"), steps=10, warmup=2)
 
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__)
     if cfg.quick:
         cfg = dataclasses.replace(cfg, steps=5, warmup=1, pipeline_batches=5)
+    if cfg.gpu_quick:
+        cfg = dataclasses.replace(cfg, **GPU_QUICK)
     for m in cfg.methods:
-        common.rule(m)
-    platform = jax.default_backend()
-    rows = []
-    for spec in cfg.configs or default_configs(platform):
+        if m not in METHODS:
+            raise common.ConfigError(f"--methods: unknown method {m!r}; accepted: {', '.join(METHODS)}")
+    specs = []
+    for spec in cfg.configs or default_configs(jax.default_backend()):
         try:
             model_name, batch, size, dtype = spec.split(":")
-            batch, size = int(batch), int(size)
+            specs.append((model_name, int(batch), int(size), dtype))
         except ValueError:
-            raise common.ConfigError(f"--configs: {spec!r} is not model:batch:image_size:dtype")
-        base = base_flop = base_mem = None
-        for method in cfg.methods:
-            sec, compile_s, peak, gflop = time_rule(model_name, batch, size, dtype, method, cfg)
-            if method == "sgd":
-                base, base_flop, base_mem = sec, gflop, peak
-            row = dict(platform=platform, model=model_name, dtype=dtype, method=method, compile_s=compile_s,
-                       peak_mem_mb=peak, gflop=gflop, flop_ratio=gflop / base_flop if base_flop else None,
-                       mem_ratio=peak / base_mem if base_mem and peak else None)
-            if sec is not None:
-                row |= dict(step_ms=1e3 * sec, images_per_s=batch / sec, ratio_to_sgd=sec / base if base else None)
-            rows.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
+            raise common.ConfigError(f"--configs: {spec!r} is not model:batch:image_size:dtype") from None
+    platform = jax.default_backend()
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.analyze:
         path = os.path.join(cfg.out, f"bench_{platform}_xla.csv")
         columns = ("platform", "model", "dtype", "method", "gflop", "flop_ratio", "peak_mem_mb", "mem_ratio")
     else:
-        rows += pipelines(cfg, platform)
         path = os.path.join(cfg.out, f"bench_{platform}.csv")
         columns = COLUMNS
-    with open(path, "w") as f:
-        f.write(",".join(columns) + "\n")
-        for r in rows:
-            f.write(",".join("" if r.get(c) is None else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))
-                             for c in columns) + "\n")
+    rows = []
+    with open(path, "w") as out:  # row by row: a run stopped by a time limit keeps what it measured
+        out.write(",".join(columns) + "\n")
+
+        def emit(row):
+            rows.append(row)
+            out.write(",".join("" if row.get(c) is None else (f"{row[c]:.4g}" if isinstance(row[c], float)
+                                                              else str(row[c])) for c in columns) + "\n")
+            out.flush()
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+        for model_name, batch, size, dtype in specs:
+            base = base_flop = base_mem = None
+            methods = [m for m in cfg.methods if not (cfg.gpu_quick and model_name == "resnet50")
+                       or m in ("sgd", "gp_p1")]
+            for method in methods:
+                sec, compile_s, peak, gflop = time_rule(model_name, batch, size, dtype, method, cfg)
+                if method == "sgd":
+                    base, base_flop, base_mem = sec, gflop, peak
+                row = dict(platform=platform, model=model_name, dtype=dtype, method=method, compile_s=compile_s,
+                           peak_mem_mb=peak, gflop=gflop, flop_ratio=gflop / base_flop if base_flop else None,
+                           mem_ratio=peak / base_mem if base_mem and peak else None)
+                if sec is not None:
+                    row |= dict(step_ms=1e3 * sec, images_per_s=batch / sec,
+                                ratio_to_sgd=sec / base if base else None)
+                emit(row)
+        if not cfg.analyze:
+            for row in pipelines(cfg, platform):
+                emit(row)
+        if cfg.gpu_quick:
+            emit(fig2_run(cfg, platform))
     print(f"\n{'model':10} {'dtype':9} {'method':30} {'step_ms':>9} {'img/s':>9} {'ratio':>6} {'compile':>8} {'MiB':>8}"
           f" {'GFLOP':>8} {'flops':>6} {'mem':>6}")
     for r in rows:
-        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-".rjust(int(fmt.split(".")[0]))
+        f = lambda k, fmt: (format(r[k], fmt) if r.get(k) is not None  # noqa: E731
+                            else "-".rjust(int(fmt.split(".")[0])))
         print(f"{r['model']:10} {r['dtype']:9} {r['method']:30} {f('step_ms', '9.1f')} {f('images_per_s', '9.0f')} "
               f"{f('ratio_to_sgd', '6.2f')} {f('compile_s', '8.1f')} {f('peak_mem_mb', '8.0f')} {f('gflop', '8.1f')} "
               f"{f('flop_ratio', '6.2f')} {f('mem_ratio', '6.2f')}")
     print(f"wrote {path}")
+
+
+def fig2_run(cfg, platform):
+    """One short Fig. 2 sweep on Fashion-MNIST with a conv net (cnn16, 2 epochs on 4,096 images, 1 seed):
+    the whole path from flags to verdict, timed."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fig2_gp_relu_gelu.py")
+    spec = importlib.util.spec_from_file_location("fig2", path)
+    fig2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fig2)
+    t = time.perf_counter()
+    fig2.main(["--model", "cnn16", "--epochs", "2", "--train-subset", "4096", "--seeds", "1", "--rhos", "0", "0.1",
+               "--out", os.path.join(cfg.out, "gpu_quick_fig2")])
+    return dict(platform=platform, model="cnn16", dtype="float32", method="fig2_4runs_wall_s",
+                step_ms=1e3 * (time.perf_counter() - t))
 
 
 if __name__ == "__main__":

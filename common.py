@@ -2,7 +2,7 @@
 explains mysteries in Sharpness regularization" (arXiv 2401.10809).
 
 Sections: activations, curvature, update rules, models, data, train step, results I/O.
-Quantities and paper errata are defined in SPEC.md; equation numbers are the paper's.
+MATH.md defines every quantity and the three corrections to the paper; equation numbers are the paper's.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import functools
 import gzip
 import hashlib
 import importlib.metadata
+import io
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import pickle
 import re
 import sys
 import tarfile
+import tempfile
 import time
 import typing
 import urllib.request
@@ -37,21 +39,23 @@ import numpy as np
 import optax
 from absl import flags as absl_flags
 from jax.scipy.special import erfc
+from jax.flatten_util import ravel_pytree
 from PIL import Image
 
 PyTree = Any
-Act = Callable[[jax.Array], jax.Array]
 
 
 class ConfigError(Exception):
     """Bad user input; a script turns it into one line on stderr and exit code 2."""
 
 
-#### Activations (Sections 4.3-4.4, SPEC section 2) ###############################################
-# Each is an elementwise Callable whose value and first two AD derivatives are exactly SPEC's table
-# under every AD path. The custom ones use jax.custom_jvp (a custom_vjp has no forward mode and
-# would break the forward-over-reverse HVP); their JVP rules call a second custom-JVP function for
-# the tangent, so that differentiating the rule once more gives the second derivative we define.
+#### Activations (Sections 4.3-4.4, MATH.md §2) ###################################################
+# Each is an elementwise f(x, beta) whose value and first two AD derivatives are exactly MATH.md §2's
+# table under every AD path; beta is the width of φ″ and may be a traced array (a β sweep compiles
+# once). The custom ones use jax.custom_jvp (a custom_vjp has no forward mode and would break the
+# forward-over-reverse HVP); their JVP rules call a second custom-JVP function for the tangent, so
+# that differentiating the rule once more gives the second derivative we define. No rule
+# differentiates with respect to beta: its tangent is dropped.
 
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -69,79 +73,103 @@ def _gelu(x):
     return x * _cdf(x)  # the exact erf form; jax.nn.gelu defaults to the tanh approximation
 
 
-def _beta_gelu(beta):
-    def f(x):
-        return x * _cdf(beta * x)  # φ'' = β φ(βx)(2 − β²x²) by autodiff (Eq. 14 corrected)
-
-    return f
+def _beta_gelu(x, beta):
+    return x * _cdf(beta * x)  # φ″ = β φ(βx)(2 − β²x²) by autodiff (Eq. 14 corrected)
 
 
-def _relu_aug(beta):
-    @jax.custom_jvp
-    def step(x):
-        return jnp.where(x > 0, 1.0, 0.0).astype(jnp.result_type(x))  # Θ(x), Θ(0) = 0
-
-    @step.defjvp
-    def _(primals, tangents):
-        (x,), (t,) = primals, tangents
-        return step(x), beta * _pdf(beta * x) * t  # Eq. 15: D_AD[Θ] = β φ(βx), unit integral
-
-    @jax.custom_jvp
-    def f(x):
-        return jnp.maximum(x, 0)
-
-    @f.defjvp
-    def _(primals, tangents):
-        (x,), (t,) = primals, tangents
-        return f(x), step(x) * t
-
-    return f
+@jax.custom_jvp
+def _step(x, beta):
+    return jnp.where(x > 0, 1.0, 0.0).astype(x.dtype)  # Θ(x), Θ(0) = 0
 
 
-def _gelu_dim():
-    @jax.custom_jvp
-    def slope(x):
-        return _cdf(x) + x * _pdf(x)  # GELU'(x)
-
-    @slope.defjvp
-    def _(primals, tangents):
-        (x,), (t,) = primals, tangents
-        return slope(x), jnp.zeros_like(t)  # Eq. 16: D_AD[GELU'] = 0
-
-    @jax.custom_jvp
-    def f(x):
-        return _gelu(x)
-
-    @f.defjvp
-    def _(primals, tangents):
-        (x,), (t,) = primals, tangents
-        return f(x), slope(x) * t
-
-    return f
+@_step.defjvp
+def _step_jvp(primals, tangents):
+    (x, beta), (t, _) = primals, tangents
+    return _step(x, beta), beta * _pdf(beta * x) * t  # Eq. 15: D_AD[Θ] = β φ(βx), unit integral
 
 
-ACTIVATIONS = ("relu", "gelu", "beta_gelu", "relu_aug", "gelu_dim")
+@jax.custom_jvp
+def _relu_aug(x, beta):
+    return jnp.maximum(x, 0)
 
 
-@functools.cache
-def activation(name: str, beta: float = 1.0) -> Callable[[jax.Array], jax.Array]:
-    """The elementwise nonlinearity `name`; `beta` is the width parameter of beta_gelu and relu_aug.
-    Cached: one function object per (name, beta), so compiled steps are reused across runs."""
+@_relu_aug.defjvp
+def _relu_aug_jvp(primals, tangents):
+    (x, beta), (t, _) = primals, tangents
+    return _relu_aug(x, beta), _step(x, beta) * t
+
+
+@jax.custom_jvp
+def _beta_gelu_slope(x, beta):
+    return _cdf(beta * x) + beta * x * _pdf(beta * x)  # β-GELU′(x)
+
+
+@_beta_gelu_slope.defjvp
+def _beta_gelu_slope_jvp(primals, tangents):
+    (x, beta), (t, _) = primals, tangents
+    return _beta_gelu_slope(x, beta), jnp.zeros_like(t)  # Eq. 16: D_AD[GELU′] = 0
+
+
+@jax.custom_jvp
+def _beta_gelu_dim(x, beta):
+    return _beta_gelu(x, beta)
+
+
+@_beta_gelu_dim.defjvp
+def _beta_gelu_dim_jvp(primals, tangents):
+    (x, beta), (t, _) = primals, tangents
+    return _beta_gelu_dim(x, beta), _beta_gelu_slope(x, beta) * t
+
+
+class ActivationDef(NamedTuple):
+    fn: Callable[[jax.Array, jax.Array], jax.Array]  # f(x, beta)
+    uses_beta: bool
+    twin: str  # same value and first derivative, AD second derivative 0 (MATH.md §6)
+
+
+ACTIVATIONS: dict[str, ActivationDef] = {
+    "relu": ActivationDef(lambda x, beta: jax.nn.relu(x), False, "relu"),  # JAX's rule: Θ(0) = 0, f″ = 0
+    "gelu": ActivationDef(lambda x, beta: _gelu(x), False, "gelu_dim"),
+    "beta_gelu": ActivationDef(_beta_gelu, True, "beta_gelu_dim"),
+    "relu_aug": ActivationDef(_relu_aug, True, "relu"),
+    "gelu_dim": ActivationDef(lambda x, beta: _beta_gelu_dim(x, jnp.ones((), x.dtype)), False, "gelu_dim"),
+    "beta_gelu_dim": ActivationDef(_beta_gelu_dim, True, "beta_gelu_dim"),
+}
+
+
+class Activation(eqx.Module):
+    """The nonlinearity `name` with width `beta`, as a model holds it: `beta` is a leaf (a Python float
+    outside the train step, a traced array inside it), so one compiled step serves a β sweep."""
+
+    name: str = eqx.field(static=True)
+    beta: float | jax.Array = 1.0
+
+    def __call__(self, x):
+        return ACTIVATIONS[self.name].fn(x, jnp.asarray(self.beta, x.dtype))
+
+
+def activation(name: str, beta: float = 1.0) -> Activation:
+    """The elementwise nonlinearity `name`; `beta` is the width parameter of the activations that
+    use one (beta_gelu, relu_aug, beta_gelu_dim)."""
     if name not in ACTIVATIONS:
         raise ConfigError(f"--activation: unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}")
-    if name in ("beta_gelu", "relu_aug") and not beta > 0:
+    if not beta > 0:
         raise ConfigError(f"--beta must be > 0, got {beta}")
-    beta = float(beta)
-    return {
-        "relu": lambda: jax.nn.relu,  # custom JVP in JAX: Θ(0) = 0 and a zero second derivative
-        "gelu": lambda: _gelu,
-        "beta_gelu": lambda: _beta_gelu(beta),
-        "relu_aug": lambda: _relu_aug(beta),
-        "gelu_dim": _gelu_dim,
-    }[name]()
+    return Activation(name, float(beta))
 
 
-#### Curvature (Eq. 2, SPEC section 1) #############################################################
+def twin(act: Activation) -> Activation:
+    """The activation with the same value and first derivative and an AD second derivative of 0."""
+    return Activation(ACTIVATIONS[act.name].twin, act.beta)
+
+
+def with_beta(model, beta):
+    """`model` with every Activation's beta replaced (by a traced array inside the step)."""
+    is_act = lambda x: isinstance(x, Activation)  # noqa: E731
+    return jax.tree.map(lambda a: Activation(a.name, beta) if is_act(a) else a, model, is_leaf=is_act)
+
+
+#### Curvature (Eq. 2, MATH.md §1) ################################################################
 # All for the batch-mean softmax cross-entropy; vectors are parameter pytrees. Nothing materialises
 # a matrix: each product costs a small constant number of forward/backward passes.
 
@@ -199,7 +227,7 @@ def gn_trace_estimate(logits_fn: Callable, params: PyTree, key: jax.Array) -> ja
     """One sample of T̂ = B ‖∇_θ L0(θ, ŷ)‖², ŷ ~ Cat(softmax z) (Wei et al. 2020; Eq. 20).
 
     For the batch-mean loss, E‖∇L0(θ, ŷ)‖² = tr(GN)/B (cross terms between examples vanish), so the
-    factor B makes T̂ unbiased for tr(GN) of the mean loss (SPEC erratum to Eq. 20).
+    factor B makes T̂ unbiased for tr(GN) of the mean loss (MATH.md, correction to Eq. 20).
     """
     z = jax.lax.stop_gradient(logits_fn(params))
     y_hat = jax.random.categorical(key, z.astype(jnp.float32))
@@ -207,13 +235,173 @@ def gn_trace_estimate(logits_fn: Callable, params: PyTree, key: jax.Array) -> ja
     return z.shape[0] * tree_dot(g, g)
 
 
-#### Update rules (SPEC section 3) #################################################################
+#### Curvature probe (MATH.md §6) #################################################################
+# What the NME does during training: Hessian, Gauss-Newton and NME products along the gradient, the
+# φ″ part of the NME (against the activation's twin), traces with standard errors, λ_max, and the
+# support of φ″, on a fixed probe batch.
+
+
+def lanczos_tridiagonal(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array,
+                        iters: int) -> jax.Array:
+    """The [iters, iters] tridiagonal matrix T = QᵀAQ of `iters` Lanczos steps on the symmetric
+    operator A = `matvec` from `v0`, with full reorthogonalisation (classical Gram-Schmidt, twice)
+    against the stored basis Q [iters, n].
+
+    If the Krylov space is exhausted early (a residual at rounding level), the remaining steps are
+    decoupled (zero off-diagonal) and their diagonal is T[0,0] = v0ᵀAv0/‖v0‖², a Rayleigh quotient
+    that cannot exceed the largest eigenvalue of the leading block, so λ_max(T) is unchanged.
+    """
+    n, dtype = v0.shape[0], v0.dtype
+    # After exhaustion only the matvec's rounding is left. A tolerance growing with n (eps √n) cut
+    # genuine couplings (b ~ 1e-3 ‖A‖ in float32 at n = 10⁶) and stopped a healthy run early.
+    tol = 10 * jnp.finfo(dtype).eps
+
+    def step(j, carry):
+        Q, alpha, off, q, scale, done = carry
+        Q = Q.at[j].set(q)
+        w = matvec(q)
+        alpha = alpha.at[j].set(jnp.vdot(q, w))
+        scale = jnp.maximum(scale, jnp.linalg.norm(w))  # ≤ ‖A‖: rounding is relative to this
+        for _ in range(2):  # with one pass, exhaustion goes undetected and spurious Ritz values > λ_max appear
+            w = w - Q.T @ (Q @ w)
+        b = jnp.linalg.norm(w)
+        done = done | (b <= tol * scale)
+        off = off.at[j].set(jnp.where(done, 0.0, b))
+        q = jnp.where(done, 0.0, w / jnp.where(done, 1.0, b))
+        return Q, alpha, off, q, scale, done
+
+    init = (jnp.zeros((iters, n), dtype), jnp.zeros(iters, dtype), jnp.zeros(iters, dtype),
+            v0 / jnp.linalg.norm(v0), jnp.zeros((), dtype), jnp.asarray(False))
+    _, alpha, off, *_ = jax.lax.fori_loop(0, iters, step, init)
+    live = jnp.cumprod(jnp.concatenate([jnp.ones(1, bool), off[:-1] > 0])).astype(bool)
+    alpha = jnp.where(live, alpha, alpha[0])  # steps after a breakdown ran on q = 0
+    return jnp.diag(alpha) + jnp.diag(off[:-1], 1) + jnp.diag(off[:-1], -1)
+
+
+def lanczos_max(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, iters: int) -> jax.Array:
+    """Largest (algebraic) Ritz value of the symmetric operator `matvec` after `iters` Lanczos steps
+    from `v0`: a lower bound on λ_max that is exact once `iters` reaches the Krylov dimension."""
+    return jnp.linalg.eigvalsh(lanczos_tridiagonal(matvec, v0, iters))[-1]
+
+
+def _mean_se(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sample mean and its standard error (sample std with ddof = 1, over √k)."""
+    k = samples.shape[0]
+    return samples.mean(), samples.std(ddof=1) / jnp.sqrt(k)
+
+
+def recorded_support(net: Callable, act: Callable, params: PyTree, x: jax.Array, beta) -> list[jax.Array]:
+    """Per call of `act` in `net` (a hidden layer), the fraction of its pre-activations with |u| < 1/β:
+    recorded by wrapping `act` while `net` traces (for nets that call it on the whole batch)."""
+    support = []
+
+    def recording(u):
+        support.append(jnp.mean(jnp.abs(u) < 1 / beta, dtype=jnp.promote_types(u.dtype, jnp.float32)))
+        return act(u)
+
+    net(recording, params, x)
+    return support
+
+
+def probe(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x: jax.Array, y: jax.Array,
+          key: jax.Array, *, beta=1.0, samples: int = 8, iters: int = 20, support=recorded_support
+          ) -> dict[str, jax.Array]:
+    """Curvature diagnostics of the batch-mean cross-entropy of `net(act, params, x)` at `params`
+    (MATH.md §6), as a dict of scalars in float32 (float64 for float64 parameters).
+
+    `net(act, params, x) -> logits [B, C]` must be pure and deterministic (BatchNorm in inference
+    mode); `twin_act` is `act`'s twin (see `twin`). With g = ∇L and ĝ = g/‖g‖:
+      loss, grad_norm = ‖g‖, logit_grad_rms = RMS over examples of ‖softmax(z_i) − onehot(y_i)‖;
+      hg_norm, gng_norm, nmeg_norm = ‖Hĝ‖, ‖GNĝ‖, ‖NMEĝ‖ with NMEĝ = Hĝ − GNĝ;
+      nme_share = ‖NMEĝ‖/‖Hĝ‖, cos_h_gn = cos(Hĝ, GNĝ);
+      phi2_share = ‖Hĝ − H_twin ĝ‖/‖Hĝ‖, the φ″ part of the NME (H_twin: Hessian through twin_act);
+      tr_h, tr_h_se: Hutchinson εᵀHε, ε ~ N(0, I), mean and standard error of `samples` samples;
+      tr_gn, tr_gn_se: the same for T̂ = B‖∇_θ L(θ, ŷ)‖², ŷ ~ Cat(softmax z), unbiased for tr(GN);
+      tr_nme = tr_h − tr_gn, tr_nme_se = √(tr_h_se² + tr_gn_se²) (independent samples);
+      lam_h, lam_gn: λ_max of H and GN, Lanczos with `iters` steps from a start vector fixed by `key`;
+      support_0, support_1, ...: per call of `act` in `net` (hidden layer), the fraction of its
+        pre-activations with |u| < 1/β, the support of φ″, from `support(net, act, params, x, beta)`
+        (`recorded_support`, or the model zoo's own for per-example models). `beta` may be traced.
+    """
+    if samples < 2:
+        raise ValueError(f"probe needs samples >= 2 for a standard error, got {samples}")
+    logits_fn = lambda p: net(act, p, x)
+    loss_fn = lambda p: cross_entropy(logits_fn(p), y)
+    twin_loss_fn = lambda p: cross_entropy(net(twin_act, p, x), y)
+
+    # One forward pass gives the logits and a pullback for g and the T̂ samples.
+    z, pullback = jax.vjp(logits_fn, params)
+    batch = z.shape[0]
+    logp = jax.nn.log_softmax(z.astype(jnp.promote_types(z.dtype, jnp.float32)))
+    prob = jnp.exp(logp)
+    grad_at = lambda labels: pullback(((prob - jax.nn.one_hot(labels, z.shape[1], dtype=prob.dtype))
+                                       / batch).astype(z.dtype))[0]  # ∇_θ L(θ, labels)
+    g = grad_at(y)
+    grad_norm = tree_norm(g)
+    g_hat = jax.tree.map(lambda t: t / grad_norm.astype(t.dtype), g)
+    residual = prob - jax.nn.one_hot(y, z.shape[1], dtype=prob.dtype)
+
+    hg = hvp(loss_fn, params, g_hat)
+    gng = gnvp(logits_fn, y, params, g_hat)
+    nmeg = jax.tree.map(jnp.subtract, hg, gng)
+    phi2 = jax.tree.map(jnp.subtract, hg, hvp(twin_loss_fn, params, g_hat))
+    hg_norm, gng_norm = tree_norm(hg), tree_norm(gng)
+
+    flat, unravel = ravel_pytree(params)
+    ftype = jnp.promote_types(flat.dtype, jnp.float32)
+    flat_op = lambda op: (lambda v: ravel_pytree(op(unravel(v.astype(flat.dtype))))[0].astype(ftype))
+    h_op = flat_op(lambda v: hvp(loss_fn, params, v))
+    gn_op = flat_op(lambda v: gnvp(logits_fn, y, params, v))
+
+    # All random draws up front ((1 + samples) × n normals): three PRNG calls, each costly to compile.
+    k_normal, k_labels = jax.random.split(key)
+    normal = jax.random.normal(k_normal, (1 + samples,) + flat.shape, ftype)  # Lanczos start, then ε's
+    y_hat = jax.random.categorical(k_labels, logp, shape=(samples,) + y.shape)
+
+    def sampled_label_trace(labels):
+        g_y = grad_at(labels)
+        return batch * tree_dot(g_y, g_y)  # E‖∇L(ŷ)‖² = tr(GN)/B: cross-example terms vanish
+
+    tr_h, tr_h_se = _mean_se(jax.lax.map(lambda e: jnp.vdot(e, h_op(e)), normal[1:]))
+    tr_gn, tr_gn_se = _mean_se(jax.lax.map(sampled_label_trace, y_hat))
+    lam_h, lam_gn = lanczos_max(h_op, normal[0], iters), lanczos_max(gn_op, normal[0], iters)
+
+    out = {
+        "loss": cross_entropy(z, y), "grad_norm": grad_norm,
+        "logit_grad_rms": jnp.sqrt(jnp.mean(jnp.sum(jnp.square(residual), axis=-1))),
+        "hg_norm": hg_norm, "gng_norm": gng_norm, "nmeg_norm": tree_norm(nmeg),
+        "nme_share": tree_norm(nmeg) / hg_norm, "cos_h_gn": tree_dot(hg, gng) / (hg_norm * gng_norm),
+        "phi2_share": tree_norm(phi2) / hg_norm,
+        "tr_h": tr_h, "tr_h_se": tr_h_se, "tr_gn": tr_gn, "tr_gn_se": tr_gn_se,
+        "tr_nme": tr_h - tr_gn, "tr_nme_se": jnp.sqrt(tr_h_se**2 + tr_gn_se**2),
+        "lam_h": lam_h, "lam_gn": lam_gn,
+    } | {f"support_{i}": s for i, s in enumerate(support(net, act, params, x, beta))}
+    return {name: v.astype(ftype) for name, v in out.items()}
+
+
+#### Update rules (MATH.md §3) ###################################################################
 # Every rule is rule(loss_fn, params, state, batch, key, hp) -> Step, where
 #   loss_fn(params, state, batch) -> (mean cross-entropy L0, (new_state, logits))
-# runs the model in training mode (BatchNorm on batch statistics), batch = (x, y), and hp is a dict
-# of scalar arrays (rho, sigma2) so that a sweep compiles once. The direction is the gradient of
-# the rule's objective before weight decay and momentum; `state` is the BatchNorm state to keep:
-# from the pass at the unperturbed θ, except for weight_noise (SPEC section 3).
+# runs the model in training mode (BatchNorm on batch statistics), batch = (x, y), and hp is the
+# Hyper pytree of scalar arrays (a rule reads hp.rho or hp.sigma2), so that a sweep compiles once.
+# The direction is the gradient of the rule's objective before weight decay and momentum; `state` is
+# the BatchNorm state to keep: from the pass at the unperturbed θ, except for weight_noise.
+
+
+class Hyper(NamedTuple):
+    """The scalars the train step reads, as arrays: a sweep over any of them compiles once. Each is the
+    TrainConfig field of the same name; a new rule's scalar is one more field here and there."""
+
+    lr: Any = 0.0
+    rho: Any = 0.0  # gp, sam, usam
+    sigma2: Any = 0.0  # weight_noise, hessian_trace, gn_trace
+    beta: Any = 1.0  # width of the activation's φ″ (beta_gelu, relu_aug)
+    weight_decay: Any = 0.0
+    momentum: Any = 0.0
+
+    @classmethod
+    def of(cls, cfg) -> "Hyper":
+        return cls(*(jnp.float32(getattr(cfg, f)) for f in cls._fields))
 
 
 class Step(NamedTuple):
@@ -246,10 +434,9 @@ def gp(loss_fn, params, state, batch, key, hp, *, p: int = 1) -> Step:
     """Gradient penalty L0 + ρ‖g‖^p by exact autodiff (Eq. 7-8, 46-47).
 
     p=1 (penalty SAM): g + ρ H g/‖g‖;  p=2 (penalty USAM): g + 2ρ H g. The Hessian-vector product
-    is forward-over-reverse (`hvp`; its primal gradient is the clean pass, merged by XLA). Double
-    backprop of the penalised objective costs the same FLOPs and 2% less memory, but runs 1.6×
-    slower on CPU, whose convolutions are slow in the transposed forms it needs (bench.py). A
-    finite-difference HVP would turn this into SAM and remove the NME effect the paper studies.
+    is forward-over-reverse (`hvp`; its primal gradient is the clean pass, merged by XLA; the README's
+    speed section compares it with double backprop). A finite-difference HVP would turn this into SAM
+    and remove the NME effect the paper studies.
     """
     if p not in (1, 2):
         raise ValueError(f"gp: p must be 1 or 2, got {p}")
@@ -257,15 +444,7 @@ def gp(loss_fn, params, state, batch, key, hp, *, p: int = 1) -> Step:
     norm = jnp.sqrt(jnp.maximum(tree_dot(g, g), 1e-30))  # finite at g = 0
     u = jax.tree.map(lambda x: x / norm if p == 1 else 2 * x, g)  # ∂‖g‖^p/∂g
     hu = hvp(_scalar(loss_fn, state, batch), params, u)
-    return Step(jax.tree.map(lambda a, b: a + hp["rho"] * b, g, hu), new_state, loss)
-
-
-def gp1(loss_fn, params, state, batch, key, hp) -> Step:
-    return gp(loss_fn, params, state, batch, key, hp, p=1)
-
-
-def gp2(loss_fn, params, state, batch, key, hp) -> Step:
-    return gp(loss_fn, params, state, batch, key, hp, p=2)
+    return Step(jax.tree.map(lambda a, b: a + hp.rho * b, g, hu), new_state, loss)
 
 
 def _perturbed_grad(loss_fn, params, state, batch, delta):
@@ -277,14 +456,14 @@ def sam(loss_fn, params, state, batch, key, hp) -> Step:
     """SAM (Eq. 42): ∇L0(θ + ρ g/‖g‖); BatchNorm state from the clean pass."""
     loss, new_state, g = _grad(loss_fn, params, state, batch)
     norm = tree_norm(g)
-    delta = jax.tree.map(lambda x: x * (hp["rho"] / jnp.maximum(norm, 1e-12)).astype(x.dtype), g)
+    delta = jax.tree.map(lambda x: x * (hp.rho / jnp.maximum(norm, 1e-12)).astype(x.dtype), g)
     return Step(_perturbed_grad(loss_fn, params, state, batch, delta), new_state, loss)
 
 
 def usam(loss_fn, params, state, batch, key, hp) -> Step:
     """Unnormalised SAM (Eq. 43): ∇L0(θ + ρ g)."""
     loss, new_state, g = _grad(loss_fn, params, state, batch)
-    delta = jax.tree.map(lambda x: x * jnp.asarray(hp["rho"], x.dtype), g)
+    delta = jax.tree.map(lambda x: x * jnp.asarray(hp.rho, x.dtype), g)
     return Step(_perturbed_grad(loss_fn, params, state, batch, delta), new_state, loss)
 
 
@@ -294,7 +473,7 @@ def weight_noise(loss_fn, params, state, batch, key, hp) -> Step:
     Its single pass is at θ+ε and also provides the BatchNorm statistics: a clean pass would cost a
     third of a step for nothing.
     """
-    std = jnp.sqrt(hp["sigma2"])
+    std = jnp.sqrt(hp.sigma2)
     noisy = jax.tree.map(lambda w, e: w + (std * e).astype(w.dtype), params, tree_normal(key, params))
     loss, state, g = _grad(loss_fn, noisy, state, batch)
     return Step(g, state, loss)
@@ -315,9 +494,9 @@ def cse(fn: Callable) -> Callable:
     Nested JVPs compute the first-order stream twice: the inner JVP's tangent ẋ and the outer JVP's
     tangent x′ of the primal are the same numbers. XLA merges the two forward copies, but reverse
     mode through the nested JVPs gives each copy its own cotangent and its own backward pass;
-    merging them in the jaxpr first leaves three streams for reverse mode instead of four
-    (hessian_trace: 5.3× → 4.3× sgd FLOPs, bench.py --analyze). Equations with effects stay, and so
-    do repeated custom-JVP calls, whose rules are distinct objects on each call.
+    merging them in the jaxpr first leaves three streams for reverse mode instead of four (the
+    README's speed section has the FLOPs). Equations with effects stay, and so do repeated
+    custom-JVP calls, whose rules are distinct objects on each call.
     """
 
     def merged(*args):
@@ -343,7 +522,7 @@ def cse(fn: Callable) -> Callable:
 
 
 def hessian_trace(loss_fn, params, state, batch, key, hp) -> Step:
-    """L0 + (σ²/2) tr(H) with one Hutchinson sample (Eq. 19; σ²/2 per SPEC erratum to Eq. 17).
+    """L0 + (σ²/2) tr(H) with one Hutchinson sample (Eq. 19; σ²/2: MATH.md, correction to Eq. 17).
 
     εᵀH(θ)ε is the second directional derivative of L0 along ε (forward-over-forward); one reverse
     pass through the nested JVPs, their repeated first-order stream merged (`cse`), differentiates
@@ -357,7 +536,7 @@ def hessian_trace(loss_fn, params, state, batch, key, hp) -> Step:
 
     def objective(w):
         (loss, _), (_, d2), new_state = jax.jvp(along, (w,), (eps,), has_aux=True)
-        return loss + 0.5 * hp["sigma2"] * d2, (loss, new_state)
+        return loss + 0.5 * hp.sigma2 * d2, (loss, new_state)
 
     direction, (loss, new_state) = jax.grad(cse(objective), has_aux=True)(params)
     return Step(direction, new_state, loss)
@@ -369,7 +548,7 @@ def gn_trace(loss_fn, params, state, batch, key, hp) -> Step:
     ŷ ~ Cat(softmax z) from the clean pass, held fixed (stop_gradient). Double backprop through T̂
     gives ∇T̂ = 2B H_ŷ g_ŷ, an exact Hessian (GN + NME of the sampled labels, Section 5.3). The
     sampled-label gradient is pulled back through the clean pass's own graph, so that the outer
-    reverse pass runs through one forward pass, not two (3.6× → 3.0× sgd FLOPs, bench.py --analyze).
+    reverse pass runs through one forward pass, not two.
     """
 
     def logits(w):
@@ -380,7 +559,7 @@ def gn_trace(loss_fn, params, state, batch, key, hp) -> Step:
         z, pullback, (loss, new_state) = jax.vjp(logits, w, has_aux=True)
         y_hat = jax.random.categorical(key, jax.lax.stop_gradient(z).astype(jnp.float32))
         (g_hat,) = pullback(jax.grad(cross_entropy)(z, y_hat))
-        return loss + 0.5 * hp["sigma2"] * z.shape[0] * tree_dot(g_hat, g_hat), (loss, new_state)
+        return loss + 0.5 * hp.sigma2 * z.shape[0] * tree_dot(g_hat, g_hat), (loss, new_state)
 
     direction, (loss, new_state) = jax.grad(objective, has_aux=True)(params)
     return Step(direction, new_state, loss)
@@ -388,20 +567,14 @@ def gn_trace(loss_fn, params, state, batch, key, hp) -> Step:
 
 RULES: dict[str, Callable[..., Step]] = {
     "sgd": sgd,
-    "gp_p1": gp1,
-    "gp_p2": gp2,
+    "gp_p1": functools.partial(gp, p=1),
+    "gp_p2": functools.partial(gp, p=2),
     "sam": sam,
     "usam": usam,
     "weight_noise": weight_noise,
     "hessian_trace": hessian_trace,
     "gn_trace": gn_trace,
 }
-
-
-def rule(name: str) -> Callable[..., Step]:
-    if name not in RULES:
-        raise ConfigError(f"--method: unknown method {name!r}; accepted: {', '.join(RULES)}")
-    return RULES[name]
 
 
 #### Models ########################################################################################
@@ -425,8 +598,8 @@ class BN(eqx.Module):
     updates; before any update, mean 0 and variance 1.
 
     The output is (x − μ)·rsqrt(σ² + ε), not Equinox's (x − μ)/√(σ² + ε): reverse mode through the
-    division keeps more residuals (wrn16_4 at batch 32: sgd peak 456 → 398 MiB, gp 2.10× → 2.00× of
-    sgd), and XLA's CSE does not merge the repeated first-order stream of nested JVPs through it.
+    division keeps more residuals, and XLA's CSE does not merge the repeated first-order stream of
+    nested JVPs through it (the README's speed section has the numbers).
     """
 
     weight: jax.Array
@@ -516,7 +689,7 @@ class Basic(eqx.Module):
     c1: ConvBN
     c2: ConvBN
     short: ConvBN | None
-    act: Act = eqx.field(static=True)
+    act: Activation  # a pytree node: its beta is a leaf (see Activation)
     expansion = 1
 
     def __init__(self, cin, width, stride, act, key):
@@ -541,7 +714,7 @@ class Bottleneck(eqx.Module):
     c2: ConvBN
     c3: ConvBN
     short: ConvBN | None
-    act: Act = eqx.field(static=True)
+    act: Activation  # a pytree node: its beta is a leaf (see Activation)
     expansion = 4
 
     def __init__(self, cin, width, stride, act, key):
@@ -567,7 +740,7 @@ class ResNet(eqx.Module):
     pool: eqx.nn.MaxPool2d
     blocks: tuple
     fc: eqx.nn.Linear
-    act: Act = eqx.field(static=True)
+    act: Activation  # a pytree node: its beta is a leaf (see Activation)
 
     def __init__(self, block, layers, num_classes, act, key, in_channels=3):
         keys = _keys(key, sum(layers) + 2)
@@ -600,7 +773,7 @@ class PreAct(eqx.Module):
     bn2: BN
     conv2: eqx.nn.Conv2d
     short: eqx.nn.Conv2d | None
-    act: Act = eqx.field(static=True)
+    act: Activation  # a pytree node: its beta is a leaf (see Activation)
 
     def __init__(self, cin, cout, stride, act, key):
         k1, k2, k3 = _keys(key, 3)
@@ -626,12 +799,9 @@ class WRN(eqx.Module):
     blocks: tuple
     bn: BN
     fc: eqx.nn.Linear
-    act: Act = eqx.field(static=True)
+    act: Activation  # a pytree node: its beta is a leaf (see Activation)
 
     def __init__(self, depth, width, num_classes, act, key, in_channels=3):
-        if depth < 10 or (depth - 4) % 6 or width < 1:
-            raise ConfigError(f"--model: WRN needs depth = 6n+4 >= 10 (10, 16, 22, 28, 40, ...) and width >= 1, got "
-                             f"depth {depth}, width {width}")
         n = (depth - 4) // 6
         keys = _keys(key, 3 * n + 2)
         self.stem = _conv(in_channels, 16, 3, 1, keys[0])
@@ -661,11 +831,9 @@ class CNN(eqx.Module):
     convs: tuple
     pool: eqx.nn.AvgPool2d
     fc: eqx.nn.Linear
-    act: Act = eqx.field(static=True)
+    act: Activation  # a pytree node: its beta is a leaf (see Activation)
 
     def __init__(self, width, num_classes, act, key, in_channels=3):
-        if width < 1:
-            raise ConfigError(f"--model: cnn width must be >= 1, got {width}")
         k = _keys(key, 5)
         w2 = 2 * width
         self.convs = (ConvBN(in_channels, width, 3, 1, k[0]), ConvBN(width, width, 3, 1, k[1]),
@@ -688,7 +856,7 @@ class Tiny(eqx.Module):
 
     conv: ConvBN
     fc: eqx.nn.Linear
-    act: Act = eqx.field(static=True)
+    act: Activation  # a pytree node: its beta is a leaf (see Activation)
 
     def __init__(self, num_classes, act, key, in_channels=3):
         k1, k2 = _keys(key, 2)
@@ -702,27 +870,23 @@ class Tiny(eqx.Module):
 
 
 class MLP(eqx.Module):
-    """Image resized to 14x14 (any input size), flattened, then (linear-BN-act) x2 at `width`, linear.
-
-    The CPU-scale model of the figure scripts: matrix products are far cheaper than convolutions on
-    a CPU, and the activation is still the network's only nonlinearity.
-    """
+    """Image resized to 14x14 (any input size), flattened, then (linear-BN-act) x depth at `width`,
+    linear. The CPU-scale model of the figure scripts: matrix products are far cheaper than
+    convolutions on a CPU, and the activation is still the network's only nonlinearity."""
 
     hidden: tuple
     norms: tuple
     fc: eqx.nn.Linear
-    act: Act = eqx.field(static=True)
+    act: Activation  # a pytree node: its beta is a leaf (see Activation)
 
-    def __init__(self, width, num_classes, act, key, in_channels=3):
-        if width < 1:
-            raise ConfigError(f"--model: mlp width must be >= 1, got {width}")
-        k = _keys(key, 3)
+    def __init__(self, width, num_classes, act, key, in_channels=3, depth=2):
+        k = _keys(key, depth + 1)
         # BN follows each hidden layer, so their biases would be redundant: weights only.
-        lin = lambda cin, cout, kk: eqx.tree_at(lambda m: m.bias, _linear(cin, cout, kk), None,
+        lin = lambda cin, cout, kk: eqx.tree_at(lambda m: m.bias, _linear(cin, cout, kk), None,  # noqa: E731
                                                 is_leaf=lambda x: x is None)
-        self.hidden = (lin(in_channels * 14 * 14, width, k[0]), lin(width, width, k[1]))
-        self.norms = (BN(width), BN(width))
-        self.fc = _linear(width, num_classes, k[2])
+        self.hidden = tuple(lin(in_channels * 14 * 14 if i == 0 else width, width, k[i]) for i in range(depth))
+        self.norms = tuple(BN(width) for _ in range(depth))
+        self.fc = _linear(width, num_classes, k[depth])
         self.act = act
 
     def __call__(self, x, state, *, key=None):
@@ -733,26 +897,48 @@ class MLP(eqx.Module):
         return self.fc(x), state
 
 
-def _build(name: str, num_classes: int, act: Act, key, in_channels: int):
-    if name == "resnet50":
-        return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, act, key, in_channels)
-    if name == "resnet18":
-        return ResNet(Basic, (2, 2, 2, 2), num_classes, act, key, in_channels)
-    if name == "tiny":
-        return Tiny(num_classes, act, key, in_channels)
-    if m := re.fullmatch(r"wrn(\d+)_(\d+)", name):
-        return WRN(int(m[1]), int(m[2]), num_classes, act, key, in_channels)
-    if m := re.fullmatch(r"cnn(\d+)", name):
-        return CNN(int(m[1]), num_classes, act, key, in_channels)
-    if m := re.fullmatch(r"mlp(\d+)", name):
-        return MLP(int(m[1]), num_classes, act, key, in_channels)
+def _wrn(depth: str, width: str):
+    d, w = int(depth), int(width)
+    if d < 10 or (d - 4) % 6 or w < 1:
+        raise ConfigError(f"--model: WRN needs depth = 6n+4 >= 10 (10, 16, 22, 28, 40, ...) and width >= 1, got "
+                          f"depth {d}, width {w}")
+    return functools.partial(WRN, d, w)
+
+
+def _width(cls):
+    def make(width: str, depth: str | None = None):
+        if int(width) < 1 or (depth is not None and int(depth) < 1):
+            raise ConfigError(f"--model: {cls.__name__.lower()} width and depth must be >= 1, got {width}, {depth}")
+        build = functools.partial(cls, int(width))
+        return (lambda *a: build(*a, depth=int(depth))) if depth else build
+
+    return make
+
+
+# name pattern -> (its groups -> build(num_classes, act, key, in_channels)); sizes are checked here,
+# so a bad name fails when the flags are read, not when the model is built.
+MODELS: dict[str, Callable] = {
+    "resnet50": lambda: functools.partial(ResNet, Bottleneck, (3, 4, 6, 3)),
+    "resnet18": lambda: functools.partial(ResNet, Basic, (2, 2, 2, 2)),
+    r"wrn(\d+)_(\d+)": _wrn,  # e.g. wrn28_10
+    r"cnn(\d+)": _width(CNN),
+    r"mlp(\d+)(?:x(\d+))?": _width(MLP),  # mlp<width>[x<depth>], depth 2 by default
+    "tiny": lambda: Tiny,
+}
+
+
+def model_builder(name: str) -> Callable:
+    """build(num_classes, act, key, in_channels) for the model `name` of MODELS."""
+    for pattern, make in MODELS.items():
+        if m := re.fullmatch(pattern, name):
+            return make(*m.groups())
     raise ConfigError(f"--model: unknown model {name!r}; accepted: resnet50, resnet18, "
-                      "wrn<depth>_<width> (e.g. wrn28_10), cnn<width>, mlp<width>, tiny")
+                      "wrn<depth>_<width> (e.g. wrn28_10), cnn<width>, mlp<width>[x<depth>], tiny")
 
 
-def make_model(name: str, num_classes: int, activation: Act, key, *, in_channels: int = 3):
+def make_model(name: str, num_classes: int, act: Activation, key, *, in_channels: int = 3):
     """(model, state): `state` holds the BatchNorm running statistics (fp32)."""
-    return eqx.nn.make_with_state(_build)(name, num_classes, activation, key, in_channels)
+    return eqx.nn.make_with_state(model_builder(name))(num_classes, act, key, in_channels)
 
 
 def apply(model, state, x):
@@ -928,7 +1114,7 @@ def load_small(name, data_dir=None):
     if name == "cifar10":
         return _load_cifar10(data_dir)
     if name == "imagenet":
-        raise ConfigError("--dataset imagenet is streamed from disk; use imagenet_batches")
+        raise ConfigError("--dataset imagenet is streamed from its folder: use ImageFolder")
     raise ConfigError(f"--dataset {name!r} is unknown; choose one of {', '.join(DATASETS)}")
 
 
@@ -1026,16 +1212,19 @@ class _ImageFolder:
     """Random-access (path, label) source; paths stored as one bytes array so
     the source pickles cheaply into each Grain worker."""
 
-    def __init__(self, root, classes):
+    def __init__(self, root, classes, subset=None):
         rel, labels = [], []
         for label, wnid in enumerate(classes):
             d = root / wnid
             names = sorted(e.name for e in os.scandir(d) if e.is_file()) if d.is_dir() else []
             rel += [f"{wnid}/{n}" for n in names]
             labels += [label] * len(names)
+        keep = np.arange(len(rel))
+        if subset and subset < len(rel):  # a fixed random subset, the same for every run and seed
+            keep = np.sort(np.random.default_rng(0).choice(len(rel), subset, replace=False))
         self.root = str(root)
-        self.rel = np.array(rel, dtype=np.bytes_)
-        self.labels = np.array(labels, np.int32)
+        self.rel = np.array(rel, dtype=np.bytes_)[keep]
+        self.labels = np.array(labels, np.int32)[keep]
 
     def __len__(self):
         return len(self.rel)
@@ -1047,10 +1236,30 @@ class _ImageFolder:
 _logged_bad_images = set()  # per process: warn once per file, not once per epoch
 
 
-def _open_rgb(path):
+def _reduction(side, need):
+    """Largest JPEG scale-down s in (8, 4, 2, 1) with side / s >= need."""
+    for s in (8, 4, 2):
+        if side >= need * s:
+            return s
+    return 1
+
+
+def _open_rgb(path, pick=lambda w, h: 1):
+    """(RGB image, r, (w, h)): the file of size (w, h) decoded at 1/r of its size, where r = pick(w, h)
+    (from the header alone) if the decoder can (JPEG: libjpeg's scaled IDCT, each pixel the mean of an
+    r x r block), else 1; None for an unreadable file, logged once per file and process."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # forces the full decode inside the try
+        with Image.open(path) as im:  # lazy: reads the header, no pixels yet
+            w, h = im.size
+            s, r = pick(w, h), 1.0
+            if s > 1:
+                # Pillow takes the largest scale s' <= min(w // (w // s), h // (h // s)) = s and returns
+                # (mode, (0, 0, w / s', h / s')), or None for a non-JPEG: the exact factor, since the
+                # reduced image is ceil(w / s') wide.
+                got = im.draft("RGB", (w // s, h // s))
+                if got is not None:
+                    r = w / got[1][2]
+            return im.convert("RGB"), r, (w, h)  # forces the decode inside the try
     except Exception as e:  # PIL raises many types on corrupt files; none may stop training
         if path not in _logged_bad_images:
             _logged_bad_images.add(path)
@@ -1082,31 +1291,46 @@ def _random_resized_crop(w, h, rng):
 
 
 def _imagenet_train(record, rng):
+    """Random-resized-crop to 224 + horizontal flip. The crop is drawn in original pixels first, then
+    the file is decoded at the largest scale-down that leaves the crop at least 224 px on each side,
+    so the resize never upsamples because of the reduction."""
     path, label = record
-    im = _open_rgb(path)
-    if im is None:
+    box = None
+
+    def pick(w, h):
+        nonlocal box
+        box = _random_resized_crop(w, h, rng)
+        return _reduction(min(box[2] - box[0], box[3] - box[1]), 224)
+
+    opened = _open_rgb(path, pick)
+    if opened is None:
         return None
-    box = _random_resized_crop(im.width, im.height, rng)
-    x = np.asarray(im.resize((224, 224), Image.BILINEAR, box=box))
+    im, r, _ = opened
+    im = im.resize((224, 224), Image.BILINEAR, box=tuple(c / r for c in box))
     if rng.random() < 0.5:
-        x = x[:, ::-1]
-    return np.ascontiguousarray(x), np.int32(label)
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # 5x cheaper than NumPy's strided copy
+    return np.asarray(im), np.int32(label)
 
 
 def _imagenet_eval(record):
+    """Resize the short side to 256, centre-crop 224; decoded at the smallest scale with a short side
+    of at least 256, and only the crop's region resized (the same sample points as resizing the
+    whole image and cropping)."""
     path, label = record
-    im = _open_rgb(path)
-    if im is None:
+    opened = _open_rgb(path, lambda w, h: _reduction(min(w, h), 256))
+    if opened is None:
         return None
-    s = 256 / min(im.width, im.height)
-    w, h = max(224, round(im.width * s)), max(224, round(im.height * s))
-    im = im.resize((w, h), Image.BILINEAR)
+    im, r, (W, H) = opened
+    s = 256 / min(W, H)
+    w, h = max(224, round(W * s)), max(224, round(H * s))
     left, top = (w - 224) // 2, (h - 224) // 2
-    return np.asarray(im.crop((left, top, left + 224, top + 224))), np.int32(label)
+    sx, sy = W / w / r, H / h / r
+    box = (left * sx, top * sy, (left + 224) * sx, (top + 224) * sy)
+    return np.asarray(im.resize((224, 224), Image.BILINEAR, box=box)), np.int32(label)
 
 
-def imagenet_batches(data_dir, split, batch_size, *, seed, num_epochs, start_step=0, workers=None):
-    """Batches (uint8 [b,224,224,3], int32 [b]) from data_dir/{train,val}/<wnid>/*.JPEG.
+def imagenet_batches(source: _ImageFolder, split, batch_size, *, seed, num_epochs, start_step=0, workers=None):
+    """Batches (uint8 [b,224,224,3], int32 [b]) of one split of an ImageFolder.
 
     split "train": reshuffled each epoch, random-resized-crop + flip with
     randomness fixed by (seed, position in the stream), batches run across
@@ -1116,23 +1340,11 @@ def imagenet_batches(data_dir, split, batch_size, *, seed, num_epochs, start_ste
     resuming at start_step is exact only if none was skipped before it, and
     only with the same number of workers.
     """
-    layout = "--data-dir must contain train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
-    if data_dir is None:
-        raise ConfigError(f"--dataset imagenet needs --data-dir; {layout}")
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    root = Path(data_dir)
-    for d in (root / "train", root / "val"):
-        if not d.is_dir():
-            raise ConfigError(f"{d} does not exist; {layout}")
-    classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
-    source = _ImageFolder(root / split, classes)
-    if len(source) == 0:
-        raise ConfigError(f"no images under {root / split}; {layout}")
     index, count, b = _process_shard(batch_size)
     if workers is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        workers = min(cpus or 1, 32)
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
     if workers > 0 and not absl_flags.FLAGS.is_parsed():
         # Grain 0.2.x reads an absl flag when starting workers and fails in
@@ -1168,67 +1380,159 @@ def imagenet_batches(data_dir, split, batch_size, *, seed, num_epochs, start_ste
     return it
 
 
-def imagenet_size(data_dir, split) -> int:
-    """Number of images listed under data_dir/split (unreadable ones included)."""
-    root = Path(data_dir or "")
-    if not (root / "train").is_dir():
-        raise ConfigError(f"--data-dir {data_dir}: expected train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
-    classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
-    return len(_ImageFolder(root / split, classes))
+class InMemory:
+    """A dataset held as uint8 [N,H,W,C] arrays: Fashion-MNIST, CIFAR-10, or any arrays a test makes."""
+
+    def __init__(self, spec: DatasetSpec, x_train, y_train, x_test, y_test):
+        self.spec, self.x_train, self.y_train, self.x_test, self.y_test = spec, x_train, y_train, x_test, y_test
+        self.n_train, self.n_test = len(y_train), len(y_test)
+
+    def train(self, batch_size, *, seed, start_step=0):
+        return small_batches(self.x_train, self.y_train, batch_size, seed=seed, num_epochs=None, start_step=start_step)
+
+    def test(self, batch_size):
+        return eval_batches(self.x_test, self.y_test, batch_size)
+
+    def probe_batch(self, n):
+        """The first n training images and labels (noisy labels included): the probe's fixed batch."""
+        return self.x_train[:n], self.y_train[:n]
+
+    def train_eval(self, batch_size):
+        """(batches, n) of up to 10,000 training images in order: is the model interpolating?"""
+        n = min(self.n_train, 10_000)
+        return eval_batches(self.x_train[:n], self.y_train[:n], batch_size), n
 
 
-#### Train step and runs ############################################################################
+class ImageFolder:
+    """An ImageNet-style folder, data_dir/{train,val}/<class>/*.JPEG, scanned once: the classes are
+    the folders under train/, in sorted order. Decoding runs in `workers` processes."""
+
+    LAYOUT = "a folder holding train/<class>/*.JPEG and val/<class>/*.JPEG (e.g. --data-dir /data/imagenet)"
+
+    def __init__(self, data_dir, *, train_subset=None, test_subset=None, workers=None):
+        if data_dir is None:
+            raise ConfigError(f"--dataset imagenet needs --data-dir: {self.LAYOUT}")
+        root = Path(data_dir)
+        for d in (root / "train", root / "val"):
+            if not d.is_dir():
+                raise ConfigError(f"--data-dir {data_dir}: {d} does not exist; pass {self.LAYOUT}")
+        classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+        self.sources = {"train": _ImageFolder(root / "train", classes, train_subset),
+                        "val": _ImageFolder(root / "val", classes, test_subset)}
+        for split, source in self.sources.items():
+            if len(source) == 0:
+                raise ConfigError(f"--data-dir {data_dir}: no images under {root / split}; pass {self.LAYOUT}")
+        self.spec = DATASET_SPECS["imagenet"]._replace(num_classes=len(classes))
+        self.n_train, self.n_test = len(self.sources["train"]), len(self.sources["val"])
+        self.workers = workers
+
+    def train(self, batch_size, *, seed, start_step=0, num_epochs=None):
+        return imagenet_batches(self.sources["train"], "train", batch_size, seed=seed, num_epochs=num_epochs,
+                                start_step=start_step, workers=self.workers)
+
+    def test(self, batch_size):
+        return imagenet_batches(self.sources["val"], "val", batch_size, seed=0, num_epochs=1, workers=self.workers)
+
+    def probe_batch(self, n):
+        """The first n readable training images of the folder, centre-cropped as for evaluation."""
+        got = [r for r in (_imagenet_eval(self.sources["train"][i]) for i in range(min(2 * n, self.n_train))) if r]
+        return np.stack([x for x, _ in got[:n]]), np.array([y for _, y in got[:n]], np.int32)
+
+    def train_eval(self, batch_size):
+        return None  # a pass over training images in eval mode costs an epoch's decoding: skipped
+
+
+def _noisy(y, fraction, num_classes):
+    """A fixed `fraction` of the labels (the same for every run and seed) moved to another class,
+    uniformly: symmetric label noise."""
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(y), int(round(fraction * len(y))), replace=False)
+    y = y.copy()
+    y[idx] = (y[idx] + rng.integers(1, num_classes, len(idx))) % num_classes
+    return y
+
+
+def load_data(cfg, workers=None, data_dir=None):
+    """The dataset of a TrainConfig (subsets and label noise applied) as InMemory or ImageFolder."""
+    if cfg.dataset == "imagenet":
+        return ImageFolder(data_dir, train_subset=cfg.train_subset, test_subset=cfg.test_subset, workers=workers)
+    spec = DATASET_SPECS[cfg.dataset]
+    x_tr, y_tr, x_te, y_te = _load_small_cached(cfg.dataset, data_dir)
+    x_tr, y_tr = x_tr[: cfg.train_subset], y_tr[: cfg.train_subset]
+    x_te, y_te = x_te[: cfg.test_subset], y_te[: cfg.test_subset]
+    if cfg.label_noise:
+        y_tr = _noisy(y_tr, cfg.label_noise, spec.num_classes)
+    return InMemory(spec, x_tr, y_tr, x_te, y_te)
+
+
+_load_small_cached = functools.lru_cache(maxsize=2)(load_small)  # a sweep decodes the files once
+
+
+#### Training ######################################################################################
 # One jitted step over a mesh of all devices: the batch is sharded on the "data" axis, parameters,
 # optimizer and BatchNorm state are replicated, so BatchNorm statistics and ‖g‖ cover the global
-# batch (global view: XLA inserts the all-reduces). Swept scalars (lr, ρ, σ²) are array inputs.
+# batch (global view: XLA inserts the all-reduces). The step is compiled once per StepSpec, the
+# hashable description of what its code depends on; every Hyper scalar is an array input.
 
 SETUPS = {
-    # Paper setups (SPEC section 4). Cosine decay for both, as in the paper.
+    # Paper setups (MATH.md §4). Cosine decay for both, as in the paper.
     "imagenet": dict(model="resnet50", batch_size=256, epochs=300, lr=0.1, momentum=0.9, nesterov=False,
                      weight_decay=1e-4, decay_norm_and_bias=False, warmup_epochs=5.0, augment=False),
     "cifar10": dict(model="wrn28_10", batch_size=128, epochs=200, lr=0.1, momentum=0.9, nesterov=True,
                     weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=0.0, augment=True),
-    # CPU scale (SPEC section 5): a small BN conv net trained to near-interpolation on a subset.
-    # mlp256 on 1024 images for 50 epochs reaches train accuracy 1.0 in ~20 s on 2 cores.
+    # CPU scale (MATH.md §5, README "The CPU regime"): a BN MLP memorising 1,024 Fashion-MNIST images
+    # of which 30% carry a wrong label, chosen by the curvature probe among five candidates.
     "fashion_mnist": dict(model="mlp256", batch_size=128, epochs=50, lr=0.05, momentum=0.9, nesterov=True,
                           weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=1.0, augment=False,
-                          train_subset=1024),
+                          train_subset=1024, label_noise=0.3),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run. `for_dataset` fills the paper's setup; every field can be overridden."""
+    """What one run trains. Every field is part of the run's identity: two runs with the same fields
+    and seed are the same run (resume, CSV rows, plots, checkpoints). `for_dataset` fills in the
+    paper's setup."""
 
     dataset: str = "fashion_mnist"
-    data_dir: str | None = None
     model: str = "mlp256"
     activation: str = "relu"
-    beta: float = 1.0
+    beta: float = 1.0  # width of φ″ for beta_gelu and relu_aug
     method: str = "sgd"
     rho: float = 0.0
     sigma2: float = 0.0
     epochs: float = 50
     batch_size: int = 128
-    lr: float = 0.05  # for batch 256 on ImageNet (Goyal et al.: 0.1 × batch/256 is applied by for_dataset)
+    lr: float = 0.05  # ImageNet: 0.1 × batch/256 (Goyal et al.), applied by for_dataset
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
     decay_norm_and_bias: bool = True
     warmup_epochs: float = 1.0
-    augment: bool = False
-    train_subset: int | None = None  # first N training images (a fixed subset, for CPU-scale runs)
+    augment: bool = False  # pad-crop + flip on the device (small images; ImageNet crops in its pipeline)
+    train_subset: int | None = None  # first N training images (ImageNet: a fixed random N)
     test_subset: int | None = None
-    eval_batch_size: int = 1000
+    label_noise: float = 0.0  # fraction of training labels moved to another class, fixed across runs
     dtype: str = "float32"  # or "bfloat16": bf16 compute, fp32 parameters/optimizer/BN/loss/norms
-    ckpt_dir: str | None = None  # resumable runs: rerunning the same command continues from here
+    probe_every: int = 0  # curvature probe every N steps (0: never)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a run is executed: nothing here changes what it computes."""
+
+    data_dir: str | None = None
+    eval_batch_size: int = 1000
+    ckpt_dir: str | None = None  # one subfolder per run; rerunning the same command resumes
     ckpt_every_s: float = 300.0
-    workers: int | None = None  # ImageNet decoding processes (None: sized to the machine)
-    progress: bool = True
+    workers: int | None = None  # ImageNet decoding processes (None: one per core)
+    log: bool = True
+    log_every_s: float = 30.0  # without a terminal: at most one epoch line per this many seconds
+    curves: str | None = None  # CSV the curvature probe appends to (cfg.probe_every > 0)
 
 
 def for_dataset(dataset: str, **overrides) -> TrainConfig:
-    """The paper's setup for `dataset` (SPEC section 4), with overrides."""
+    """The paper's setup for `dataset` (MATH.md §4); overrides that are None are ignored."""
     if dataset not in SETUPS:
         raise ConfigError(f"--dataset: unknown dataset {dataset!r}; accepted: {', '.join(SETUPS)}")
     setup = dict(SETUPS[dataset])
@@ -1240,39 +1544,71 @@ def for_dataset(dataset: str, **overrides) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Every bad input as one ConfigError naming the flag."""
+    """Every bad value as one ConfigError naming its flag; names are looked up in the registries."""
     if cfg.dataset not in SETUPS:
         raise ConfigError(f"--dataset: unknown dataset {cfg.dataset!r}; accepted: {', '.join(SETUPS)}")
     activation(cfg.activation, cfg.beta)
-    rule(cfg.method)
-    if not re.fullmatch(r"resnet50|resnet18|tiny|wrn\d+_\d+|cnn\d+|mlp\d+", cfg.model):
-        raise ConfigError(f"--model: unknown model {cfg.model!r}; accepted: resnet50, resnet18, "
-                          "wrn<depth>_<width> (e.g. wrn28_10), cnn<width>, mlp<width>, tiny")
-    if cfg.rho < 0:
-        raise ConfigError(f"--rho must be >= 0, got {cfg.rho}")
-    if cfg.sigma2 < 0:
-        raise ConfigError(f"--sigma2 must be >= 0, got {cfg.sigma2}")
+    if cfg.method not in RULES:
+        raise ConfigError(f"--method: unknown method {cfg.method!r}; accepted: {', '.join(RULES)}")
+    model_builder(cfg.model)
+    checks = {"rho": cfg.rho >= 0, "sigma2": cfg.sigma2 >= 0, "lr": cfg.lr > 0, "momentum": 0 <= cfg.momentum < 1,
+              "weight-decay": cfg.weight_decay >= 0, "epochs": cfg.epochs > 0, "warmup-epochs": cfg.warmup_epochs >= 0,
+              "label-noise": 0 <= cfg.label_noise < 1, "probe-every": cfg.probe_every >= 0,
+              "train-subset": cfg.train_subset is None or cfg.train_subset > 0,
+              "test-subset": cfg.test_subset is None or cfg.test_subset > 0}
+    for flag, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"--{flag}: value {getattr(cfg, flag.replace('-', '_'))} is out of range")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--dtype: unknown dtype {cfg.dtype!r}; accepted: float32, bfloat16")
     n = jax.device_count()
     if cfg.batch_size <= 0 or cfg.batch_size % n:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a positive multiple of the device count ({n})")
-    if not cfg.epochs > 0:
-        raise ConfigError(f"--epochs must be > 0, got {cfg.epochs}")
 
 
-def make_optimizer(cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
-    """SGD with (Nesterov) momentum, coupled weight decay and unit warm-up + cosine schedule.
+class NetSpec(NamedTuple):
+    """What a model's structure depends on."""
 
-    The learning rate itself multiplies the update inside the step, as an array, so that a learning
-    rate sweep compiles once. Order as PyTorch SGD: d = g + λθ; m = μm + d; θ -= lr (d + μm | m).
-    """
-    mask = None if cfg.decay_norm_and_bias else decay_mask
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(warmup, 0), max(total_steps, warmup + 1))
+    model: str
+    activation: str
+    num_classes: int
+    in_channels: int
+
+
+class StepSpec(NamedTuple):
+    """What the train step's code depends on: one compile per distinct value."""
+
+    net: NetSpec
+    method: str
+    dtype: str
+    augment: bool
+    mean: tuple
+    std: tuple
+    nesterov: bool
+    decay_norm_and_bias: bool
+    warmup_steps: int
+    total_steps: int
+
+
+@functools.cache
+def skeleton(net: NetSpec):
+    """The static half of the model (structure, activation names): what a compiled step closes over."""
+    model, _ = eqx.filter_eval_shape(make_model, net.model, net.num_classes, Activation(net.activation),
+                                     jax.random.key(0), in_channels=net.in_channels)
+    return eqx.partition(model, _is_param)[1]
+
+
+def make_optimizer(spec: StepSpec, hp: Hyper):
+    """(optax transform, schedule): SGD with (Nesterov) momentum, coupled weight decay and unit warm-up
+    + cosine schedule; the learning rate multiplies its output in the step. Weight decay and momentum
+    are arrays, so sweeping them compiles once. Order as PyTorch SGD: d = g + λθ; m = μm + d;
+    θ -= lr (d + μm | m)."""
+    mask = None if spec.decay_norm_and_bias else decay_mask
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1.0, spec.warmup_steps,
+                                                  max(spec.total_steps, spec.warmup_steps + 1))
     return optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay, mask),
-        optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
+        optax.add_decayed_weights(hp.weight_decay, mask),
+        optax.trace(decay=hp.momentum, nesterov=spec.nesterov),
         optax.scale_by_schedule(schedule),
     ), schedule
 
@@ -1281,12 +1617,12 @@ def _cast(params, dtype):
     return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
-def _loss_fn(static, dtype):
+def make_loss_fn(static, dtype, beta):
     """loss_fn(params, state, (x, y)) -> (L0, (state, logits)): training mode, logits and loss in fp32."""
 
     def loss_fn(params, state, batch):
         x, y = batch
-        model = eqx.combine(_cast(params, dtype), static)
+        model = with_beta(eqx.combine(_cast(params, dtype), static), beta)
         logits, state = apply(model, state, x.astype(dtype))
         logits = logits.astype(jnp.float32)
         return cross_entropy(logits, y), (state, logits)
@@ -1294,52 +1630,64 @@ def _loss_fn(static, dtype):
     return loss_fn
 
 
-def _step_body(static, update_rule, tx, dtype, augment, mean, std,
-               params, opt_state, bn_state, x, y, key, hp):
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2, 3))
+def train_step(spec: StepSpec, params, opt_state, bn_state, x, y, key, hp: Hyper):
+    """One step: augmentation, loss, update rule, optimizer and BatchNorm state. x is uint8 NHWC.
+    Returns (params, opt_state, bn_state, {"loss": L0}); donates the three states."""
     k_aug, k_rule = jax.random.split(key)
-    if augment:
+    if spec.augment:
         x = augment_small(k_aug, x)
-    x = normalize(x, mean, std)
-    out = update_rule(_loss_fn(static, dtype), params, bn_state, (x, y), k_rule, hp)
-    updates, opt_state = tx.update(out.direction, opt_state, params)
-    params = jax.tree.map(lambda p, u: p - hp["lr"] * u, params, updates)
+    x = normalize(x, spec.mean, spec.std)
+    loss_fn = make_loss_fn(skeleton(spec.net), jnp.dtype(spec.dtype), hp.beta)
+    out = RULES[spec.method](loss_fn, params, bn_state, (x, y), k_rule, hp)
+    updates, opt_state = make_optimizer(spec, hp)[0].update(out.direction, opt_state, params)
+    params = jax.tree.map(lambda p, u: p - hp.lr * u, params, updates)
     return params, opt_state, out.state, {"loss": out.loss}
 
 
-def make_train_step(static, update_rule, tx, dtype, augment, mean, std):
-    """The jitted step (params, opt_state, bn_state, x uint8, y, key, hp) -> (params, opt_state,
-    bn_state, metrics). Donates parameters, optimizer and BatchNorm state."""
-    body = functools.partial(_step_body, static, update_rule, tx, dtype, augment, tuple(mean), tuple(std))
-    return jax.jit(body, donate_argnums=(0, 1, 2))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def eval_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, mask):
+    """Summed (correct, cross-entropy, count) of a padded batch under a 0/1 mask, in inference mode."""
+    model = with_beta(eqx.nn.inference_mode(eqx.combine(params, skeleton(net))), beta)
+    logits, _ = apply(model, bn_state, normalize(x, mean, std))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    return jnp.sum(correct * mask), jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def make_eval_step(static, mean, std):
-    """Summed (correct, cross-entropy, count) of a padded batch under a 0/1 mask, with running BN
-    statistics."""
-
-    @jax.jit
-    def evaluate(params, bn_state, x, y, mask):
-        model = eqx.nn.inference_mode(eqx.combine(params, static))
-        logits, _ = apply(model, bn_state, normalize(x, mean, std))
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
-        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-        return jnp.sum(correct * mask), jnp.sum(nll * mask), jnp.sum(mask)
-
-    return evaluate
+def with_act(model, act):
+    """`model` with every Activation replaced by `act`, any elementwise callable (the probe's twin and
+    its recording wrapper)."""
+    is_act = lambda x: isinstance(x, Activation)  # noqa: E731
+    return jax.tree.map(lambda a: act if is_act(a) else a, model, is_leaf=is_act)
 
 
-_COMPILED: dict = {}
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("samples", "iters"))
+def probe_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, samples=8, iters=20):
+    """`probe` of the model in inference mode on the batch (x uint8 NHWC, y): a dict of scalars."""
+    static = skeleton(net)
 
+    def zoo(act, p, xb):
+        model = with_act(eqx.nn.inference_mode(eqx.combine(p, static)), act)
+        return apply(model, bn_state, xb)[0].astype(jnp.float32)
 
-def compiled(cfg: TrainConfig, total: int, spec, build):
-    """(train step, eval step) shared by every run that differs only in swept arrays (lr, ρ, σ²), the
-    seed, or I/O settings, so that a sweep traces and compiles once per shape."""
-    key = (dataclasses.replace(cfg, lr=0.0, rho=0.0, sigma2=0.0, data_dir=None, ckpt_dir=None, ckpt_every_s=0.0,
-                               progress=False, workers=None, test_subset=None), total, spec)
-    if key not in _COMPILED:
-        _COMPILED[key] = build()
-    return _COMPILED[key]
+    def support(_, act, p, xb, beta):  # per example inside vmap, then the batch mean (no tracer escapes)
+        def one(xi):
+            record = []
+
+            def recording(u):
+                record.append(jnp.mean(jnp.abs(u) < 1 / beta, dtype=jnp.float32))
+                return act(u)
+
+            with_act(eqx.nn.inference_mode(eqx.combine(p, static)), recording)(xi, bn_state)
+            return record
+
+        return [r.mean() for r in jax.vmap(one)(xb)]
+
+    act = Activation(net.activation, beta)
+    return probe(zoo, act, twin(act), params, normalize(x, mean, std), y, key, beta=beta, samples=samples,
+                 iters=iters, support=support)
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -1362,39 +1710,65 @@ def maybe_init_distributed() -> None:
         jax.distributed.initialize()
 
 
-def _evaluate(evaluate, mesh, params, bn_state, batches, eval_batch, n_examples, shape):
+def padded_eval_batch(eval_batch_size: int) -> int:
+    """The global eval batch: eval_batch_size rounded up to a multiple of the device count, so that
+    any device count shards it (padding is masked)."""
+    n = jax.device_count()
+    return -(-eval_batch_size // n) * n
+
+
+def _evaluate(net, spec, mesh, params, bn_state, beta, batches, eval_batch, n_examples):
     """Accuracy and mean cross-entropy over the examples delivered (at most n_examples; unreadable
     images are skipped). Every batch is padded to one shape under a mask, and every process runs the
     same number of batches (its shard may be one batch shorter), so the collectives stay aligned."""
+    eval_batch = padded_eval_batch(eval_batch)
     local = eval_batch // jax.process_count()
     per_process = -(-n_examples // jax.process_count())
     correct = nll = count = 0.0
     for _ in range(-(-per_process // local)):
-        x, y = next(batches, (np.zeros((0, *shape), np.uint8), np.zeros(0, np.int32)))
+        x, y = next(batches, (np.zeros((0, *spec.shape), np.uint8), np.zeros(0, np.int32)))
         n = len(y)
         mask = (np.arange(local) < n).astype(np.float32)
-        x = np.concatenate([x, np.zeros((local - n, *shape), x.dtype)])
+        x = np.concatenate([x, np.zeros((local - n, *spec.shape), x.dtype)])
         y = np.concatenate([y, np.zeros(local - n, y.dtype)])
-        c, l, k = evaluate(params, bn_state, *_global(mesh, x, y, mask))
+        c, l, k = eval_step(net, spec.mean, spec.std, params, bn_state, beta, *_global(mesh, x, y, mask))
         correct, nll, count = correct + float(c), nll + float(l), count + float(k)
     return correct / count, nll / count
 
 
-class _Progress:
-    """One self-overwriting line: step, loss, lr, images/s. Quiet under CI or when not a terminal."""
+class _Log:
+    """Progress of one run. On a terminal: one self-overwriting line on stderr every 25 steps. Else
+    (SLURM, nohup, a pipe): one flushed line on stdout per epoch, at most one per `every_s` seconds,
+    and always the last. Process 0 only; quiet with log=False."""
 
-    def __init__(self, total, enabled):
-        self.total, self.t0 = total, time.perf_counter()
-        self.on = enabled and not os.environ.get("CI") and sys.stderr.isatty() and jax.process_index() == 0
+    def __init__(self, total, steps_per_epoch, enabled, every_s=30.0):
+        self.total, self.per_epoch, self.every_s = total, steps_per_epoch, every_s
+        self.on = enabled and jax.process_index() == 0
+        self.tty = sys.stderr.isatty() and not os.environ.get("CI")
+        self.t0 = self.last = time.perf_counter()
 
     def __call__(self, step, loss, lr, images_per_s):
-        if self.on:
+        if not self.on:
+            return
+        now = time.perf_counter()
+        if self.tty and step % 25 == 0:
             print(f"\r step {step}/{self.total}  loss {loss:.4f}  lr {lr:.4g}  {images_per_s:,.0f} img/s",
                   end="", file=sys.stderr, flush=True)
+        elif not self.tty and (step + 1) % self.per_epoch == 0 and (now - self.last >= self.every_s
+                                                                     or step + 1 == self.total):
+            self.last = now
+            print(f"  epoch {(step + 1) // self.per_epoch}  step {step + 1}/{self.total}  train loss {loss:.4f}  "
+                  f"{images_per_s:,.0f} img/s  {now - self.t0:.0f}s", flush=True)
 
     def close(self):
-        if self.on:
+        if self.on and self.tty:
             print(file=sys.stderr)
+
+
+def run_id(cfg: TrainConfig, seed: int) -> str:
+    """A short stable name of a run's identity (its checkpoint folder)."""
+    text = json.dumps({"seed": seed} | dataclasses.asdict(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _checkpointer(directory):
@@ -1412,8 +1786,8 @@ def _save(ckpt, step, tree, extra):
     manager.wait_until_finished()
 
 
-def _restore(ckpt, tree):
-    """(step, tree, extra) of the latest checkpoint, or None."""
+def _restore(ckpt, tree, identity):
+    """(step, tree, extra) of the latest checkpoint, or None; a checkpoint of another run is refused."""
     ocp, manager = ckpt
     step = manager.latest_step()
     if step is None:
@@ -1422,141 +1796,496 @@ def _restore(ckpt, tree):
     target = {str(i): leaf for i, leaf in enumerate(leaves)}
     got = manager.restore(step, args=ocp.args.Composite(leaves=ocp.args.StandardRestore(target),
                                                         extra=ocp.args.JsonRestore()))
-    return step, treedef.unflatten([got.leaves[str(i)] for i in range(len(leaves))]), dict(got.extra)
+    extra = dict(got.extra)
+    if extra.get("identity") != identity:
+        theirs = extra.get("identity") or {}
+        diff = sorted(k for k in identity.keys() | theirs.keys() if identity.get(k) != theirs.get(k))
+        raise ConfigError(f"--ckpt-dir: {manager.directory} holds a checkpoint of another run (differs in "
+                          f"{', '.join(diff)}); point --ckpt-dir elsewhere or delete it")
+    return step, treedef.unflatten([got.leaves[str(i)] for i in range(len(leaves))]), extra
 
 
-def load_data(cfg: TrainConfig):
-    """(spec, (x_train, y_train), (x_test, y_test)) of an in-memory dataset, or (spec, None, None) for
-    ImageNet, which streams from its folder."""
-    spec = DATASET_SPECS[cfg.dataset]
-    if cfg.dataset == "imagenet":
-        return spec, None, None
-    x_tr, y_tr, x_te, y_te = _load_small_cached(cfg.dataset, cfg.data_dir)
-    if cfg.train_subset:
-        x_tr, y_tr = x_tr[: cfg.train_subset], y_tr[: cfg.train_subset]
-    if cfg.test_subset:
-        x_te, y_te = x_te[: cfg.test_subset], y_te[: cfg.test_subset]
-    return spec, (x_tr, y_tr), (x_te, y_te)
+def save_due(step: int, seconds_since_save: float, every_s: float, processes: int) -> bool:
+    """Whether to checkpoint after `step`, from this process's clock. With several processes it is
+    asked only every 100 steps and process 0's answer is broadcast (`_agree`), so every process
+    reaches Orbax's collective save at the same step."""
+    if processes > 1 and step % 100:
+        return False
+    return seconds_since_save > every_s
 
 
-_load_small_cached = functools.lru_cache(maxsize=2)(load_small)  # a sweep decodes the files once
+def _agree(flag: bool) -> bool:
+    """Process 0's flag on every process."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
-def train(cfg: TrainConfig, seed: int, data=None) -> dict:
-    """Train one model; returns final test accuracy and loss, train loss and accuracy, images/s, wall
-    time and `diverged`. A non-finite loss ends the run early and is recorded, never raised.
+@dataclasses.dataclass
+class Run:
+    """One run in progress: its identity, its compiled step's spec, and its training state."""
 
-    `data`, if given, replaces the dataset: (DatasetSpec, (x_train, y_train), (x_test, y_test)) with
-    uint8 NHWC images, as load_data returns.
-    """
+    cfg: TrainConfig
+    seed: int
+    spec: StepSpec
+    steps_per_epoch: int
+    mesh: jax.sharding.Mesh
+    params: PyTree
+    opt_state: PyTree
+    bn_state: PyTree
+    hp: Hyper
+    key: jax.Array  # of the step stream: step i uses fold_in(key, i)
+    step: int = 0
+    losses: list = dataclasses.field(default_factory=list)  # training losses of the last epoch
+    diverged: bool = False
+    images_per_s: float = math.nan
+    ckpt: Any = None
+
+    @property
+    def total(self) -> int:
+        return self.spec.total_steps
+
+    @property
+    def identity(self) -> dict:
+        return {"seed": self.seed} | dataclasses.asdict(self.cfg)
+
+
+def setup(cfg: TrainConfig, seed: int, data, opts: RunOptions = RunOptions()) -> Run:
+    """A run at its start, or where its checkpoint left it: model, optimizer and state on the mesh."""
     validate(cfg)
-    t_start = time.perf_counter()
-    spec, train_set, test_set = data if data is not None else load_data(cfg)
-    mesh = data_mesh()
-    n_train = len(train_set[0]) if train_set else imagenet_size(cfg.data_dir, "train")
-    steps_per_epoch = n_train // cfg.batch_size
+    steps_per_epoch = data.n_train // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training images")
+        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
-
-    key = jax.random.key(seed)
-    k_init, k_steps = jax.random.split(key)
-    act = activation(cfg.activation, cfg.beta)
-    model, bn_state = make_model(cfg.model, spec.num_classes, act, k_init, in_channels=spec.shape[2])
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    tx, schedule = make_optimizer(cfg, total, steps_per_epoch)
-    opt_state = tx.init(params)
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    step_fn, evaluate = compiled(cfg, total, spec, lambda: (
-        make_train_step(static, rule(cfg.method), tx, dtype, cfg.augment, spec.mean, spec.std),
-        make_eval_step(static, spec.mean, spec.std)))
+    net = NetSpec(cfg.model, cfg.activation, data.spec.num_classes, data.spec.shape[2])
+    spec = StepSpec(net, cfg.method, cfg.dtype, cfg.augment, tuple(data.spec.mean), tuple(data.spec.std),
+                    cfg.nesterov, cfg.decay_norm_and_bias, int(round(cfg.warmup_epochs * steps_per_epoch)), total)
+    k_init, k_steps = jax.random.split(jax.random.key(seed))
+    model, bn_state = make_model(cfg.model, net.num_classes, Activation(cfg.activation), k_init,
+                                 in_channels=net.in_channels)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    hp = Hyper.of(cfg)
+    opt_state = make_optimizer(spec, hp)[0].init(params)
+    mesh = data_mesh()
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
-    params, opt_state, bn_state = jax.device_put((params, opt_state, bn_state), replicated)
-    hp = jax.device_put({"lr": jnp.float32(cfg.lr), "rho": jnp.float32(cfg.rho),
-                         "sigma2": jnp.float32(cfg.sigma2)}, replicated)
+    params, opt_state, bn_state, hp = jax.device_put((params, opt_state, bn_state, hp), replicated)
+    run = Run(cfg, seed, spec, steps_per_epoch, mesh, params, opt_state, bn_state, hp, k_steps)
+    if opts.ckpt_dir:
+        run.ckpt = _checkpointer(os.path.join(opts.ckpt_dir, run_id(cfg, seed)))
+        if got := _restore(run.ckpt, (params, opt_state, bn_state), run.identity):
+            run.step, state, extra = got
+            run.params, run.opt_state, run.bn_state = jax.device_put(state, replicated)
+            run.losses, run.diverged = list(extra["losses"]), extra["diverged"]
+    return run
 
-    start, done = 0, {"diverged": False, "losses": []}
-    ckpt = _checkpointer(cfg.ckpt_dir) if cfg.ckpt_dir else None
-    if ckpt and (got := _restore(ckpt, (params, opt_state, bn_state))):
-        start, (params, opt_state, bn_state), done = got
-        params, opt_state, bn_state = jax.device_put((params, opt_state, bn_state), replicated)
 
-    if train_set:
-        batches = small_batches(*train_set, cfg.batch_size, seed=seed, num_epochs=None, start_step=start)
-    else:
-        batches = imagenet_batches(cfg.data_dir, "train", cfg.batch_size, seed=seed, num_epochs=None,
-                                   start_step=start, workers=cfg.workers)
-    progress = _Progress(total, cfg.progress)
-    losses, diverged = list(done["losses"]), done["diverged"]  # training losses of the last epoch
+def _checkpoint(run: Run) -> None:
+    _save(run.ckpt, run.step, (run.params, run.opt_state, run.bn_state),
+          {"diverged": run.diverged, "losses": run.losses, "identity": run.identity})
+
+
+def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run], None] | None = None) -> Run:
+    """Train `run` to its last step (or until its loss is not finite: `run.diverged`). With
+    cfg.probe_every = N > 0, callback(run) is called after every N-th step and after the last one."""
+    every = run.cfg.probe_every if callback else 0
+    _, schedule = make_optimizer(run.spec, run.hp)
+    batches = data.train(run.cfg.batch_size, seed=run.seed, start_step=run.step)
+    log = _Log(run.total, run.steps_per_epoch, opts.log, opts.log_every_s)
 
     def record(pending):
         step, metrics = pending
         loss = float(metrics["loss"])
-        if step >= total - steps_per_epoch:
-            losses.append(loss)
+        if step >= run.total - run.steps_per_epoch:
+            run.losses.append(loss)
+        run.diverged = run.diverged or not math.isfinite(loss)
         return loss
 
-    step, pending, images, t_loop = start, None, 0, None
-    last_save = time.perf_counter()
-    while step < total and not diverged:
-        x, y = _global(mesh, *next(batches))
-        params, opt_state, bn_state, metrics = step_fn(params, opt_state, bn_state, x, y,
-                                                       jax.random.fold_in(k_steps, step), hp)
+    pending, images, t_loop, last_save = None, 0, None, time.perf_counter()
+    while run.step < run.total and not run.diverged:
+        x, y = _global(run.mesh, *next(batches))
+        run.params, run.opt_state, run.bn_state, metrics = train_step(
+            run.spec, run.params, run.opt_state, run.bn_state, x, y, jax.random.fold_in(run.key, run.step), run.hp)
         # Read the previous step's metrics, so the host never waits on the step just launched.
         if pending is not None:
             loss = record(pending)
-            diverged = not math.isfinite(loss)
             if t_loop is None:  # throughput from the end of the first (compiling) step
                 t_loop, images = time.perf_counter(), 0
-            elif pending[0] % 25 == 0:
-                progress(pending[0], loss, cfg.lr * float(schedule(pending[0])),
-                         images / (time.perf_counter() - t_loop))
-        pending, step, images = (step, metrics), step + 1, images + cfg.batch_size
-        if ckpt and time.perf_counter() - last_save > cfg.ckpt_every_s and not diverged:
-            diverged, pending = not math.isfinite(record(pending)), None
-            if not diverged:
-                _save(ckpt, step, (params, opt_state, bn_state), {"diverged": False, "losses": losses})
+            else:
+                log(pending[0], loss, run.cfg.lr * float(schedule(pending[0])), images / (time.perf_counter() - t_loop))
+        pending, run.step, images = (run.step, metrics), run.step + 1, images + run.cfg.batch_size
+        if every and (run.step % every == 0 or run.step == run.total) and not run.diverged:
+            callback(run)
+        if run.ckpt and _agree(save_due(run.step, time.perf_counter() - last_save, opts.ckpt_every_s,
+                                        jax.process_count())):
+            record(pending)
+            pending = None
+            if not run.diverged:
+                _checkpoint(run)
             last_save = time.perf_counter()
-    if pending is not None and not diverged:
-        diverged = not math.isfinite(record(pending))
-    jax.block_until_ready(params)
-    t_train = time.perf_counter() - t_loop if t_loop else math.nan
-    progress.close()
-    if ckpt:
-        _save(ckpt, step, (params, opt_state, bn_state), {"diverged": diverged, "losses": losses})
+    if pending is not None:
+        loss = record(pending)
+        if t_loop:
+            log(pending[0], loss, run.cfg.lr * float(schedule(pending[0])), images / (time.perf_counter() - t_loop))
+    jax.block_until_ready(run.params)
+    if t_loop:
+        run.images_per_s = images / (time.perf_counter() - t_loop)
+    log.close()
+    if run.ckpt:
+        _checkpoint(run)
+    return run
 
-    result = {"steps": step, "diverged": diverged, "train_loss": float(np.mean(losses)) if losses else math.nan,
-              "images_per_s": images / t_train if t_loop else math.nan}
-    nan = (math.nan, math.nan)
-    if cfg.dataset == "imagenet":
-        test_batches = imagenet_batches(cfg.data_dir, "val", cfg.eval_batch_size, seed=0, num_epochs=1,
-                                        workers=cfg.workers)
-    else:
-        test_batches = eval_batches(*test_set, cfg.eval_batch_size)
-    n_test = len(test_set[1]) if test_set else imagenet_size(cfg.data_dir, "val")
-    acc, nll = nan if diverged else _evaluate(evaluate, mesh, params, bn_state, test_batches, cfg.eval_batch_size,
-                                              n_test, spec.shape)
-    if train_set and not diverged:  # on up to 10,000 training images, in eval mode: is it interpolating?
-        n = min(len(train_set[0]), 10_000)
-        train_acc, _ = _evaluate(evaluate, mesh, params, bn_state,
-                                 eval_batches(train_set[0][:n], train_set[1][:n], cfg.eval_batch_size),
-                                 cfg.eval_batch_size, n, spec.shape)
-    else:
-        train_acc = math.nan
-    result |= {"test_accuracy": acc, "test_loss": nll, "train_accuracy": train_acc,
-               "wall_s": time.perf_counter() - t_start}
-    result["params"] = params  # for tests and ablations; scripts drop it before writing the CSV
-    result["bn_state"] = bn_state
+
+def evaluate(run: Run, data, opts: RunOptions = RunOptions()) -> dict:
+    """Test accuracy and loss, and (in memory) training accuracy, in inference mode; NaN if diverged."""
+    out = {"test_accuracy": math.nan, "test_loss": math.nan, "train_accuracy": math.nan}
+    if run.diverged:
+        return out
+    ev = functools.partial(_evaluate, run.spec.net, data.spec, run.mesh, run.params, run.bn_state, run.hp.beta)
+    out["test_accuracy"], out["test_loss"] = ev(data.test(opts.eval_batch_size), opts.eval_batch_size, data.n_test)
+    if got := data.train_eval(opts.eval_batch_size):
+        out["train_accuracy"], _ = ev(got[0], opts.eval_batch_size, got[1])
+    return out
+
+
+PROBE_BATCH = 512
+
+
+class Prober:
+    """The curvature probe as fit's callback: on a fixed batch of about PROBE_BATCH training images
+    (a multiple of the device count), one row per call appended to `path` (the run's identity, step,
+    epoch and every probe value); `last` keeps the latest values."""
+
+    def __init__(self, run: Run, data, path):
+        n = jax.device_count()
+        size = min(-(-PROBE_BATCH // n) * n, data.n_train // n * n)
+        self.x, self.y = _global(run.mesh, *data.probe_batch(size))
+        self.net, self.spec, self.path, self.last = run.spec.net, data.spec, path, {}
+        self.key = jax.random.fold_in(jax.random.key(run.seed), 1 << 30)  # apart from the step keys
+        if jax.process_index() == 0 and (rows := read_rows(path)):  # a restarted run's old rows go
+            ident = row_key(run.identity)
+            kept = [r for r in rows if row_key(r) != ident]
+            if len(kept) < len(rows):
+                _write_rows(path, kept, list(rows[0]))
+
+    def __call__(self, run: Run) -> None:
+        got = probe_step(self.net, self.spec.mean, self.spec.std, run.params, run.bn_state, run.hp.beta,
+                         self.x, self.y, jax.random.fold_in(self.key, run.step))
+        self.last = {k: float(v) for k, v in got.items()}
+        if jax.process_index() == 0:
+            append_rows(self.path, [run.identity | {"step": run.step, "epoch": run.step / run.steps_per_epoch}
+                                    | self.last])
+
+
+METRICS = ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "diverged", "steps", "wall_s")
+
+
+def train(cfg: TrainConfig, seed: int, data=None, opts: RunOptions = RunOptions(),
+          callback: Callable[[Run], None] | None = None) -> dict:
+    """Train one model: setup, fit, evaluate. Returns METRICS (a non-finite loss ends the run early
+    and is recorded as `diverged`, never raised), images_per_s, and the final params and bn_state.
+    `data` defaults to load_data(cfg); tests pass an InMemory of their own."""
+    t_start = time.perf_counter()
+    data = data if data is not None else load_data(cfg, opts.workers, opts.data_dir)
+    run = setup(cfg, seed, data, opts)
+    if callback is None and cfg.probe_every and opts.curves:
+        callback = Prober(run, data, opts.curves)
+    run = fit(run, data, opts, callback)
+    result = {"steps": run.step, "diverged": run.diverged, "images_per_s": run.images_per_s,
+              "train_loss": float(np.mean(run.losses)) if run.losses else math.nan}
+    if isinstance(callback, Prober):
+        result |= {f"probe_{k}": v for k, v in callback.last.items()}
+    result |= evaluate(run, data, opts)
+    result |= {"wall_s": time.perf_counter() - t_start, "params": run.params, "bn_state": run.bn_state}
     return result
 
 
-#### Command line and results I/O ##################################################################
-# A figure script's CSV gets one row per (setting, seed), appended as soon as its run finishes, so
-# an interrupted sweep loses at most the run in progress; rerunning skips the rows already there.
-# Plots are drawn from the CSV alone.
+#### Sweeps, results and the command line ##########################################################
+# A figure script is its experiment: a Config extending Flags (the sweep's values), a function that
+# lists the runs' TrainConfigs, a plot and its claims; `run_script` does the rest. Each run is
+# identified by its whole TrainConfig and seed, and its CSV row holds all of them, so a copied script
+# that sweeps any field resumes, plots and judges it as its own setup. Rows are appended whole and
+# fsynced as each run finishes; rerunning skips the rows already there. Plots are drawn from the
+# CSV alone.
 
-CSV_COLUMNS = ("method", "activation", "dataset", "model", "seed", "test_accuracy", "test_loss", "train_loss",
-               "train_accuracy", "diverged", "wall_s")
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    """The flags every figure script shares. None: the dataset's setup (SETUPS), then for
+    fashion_mnist the script's CPU scale; a given flag overrides both."""
+
+    dataset: str = "fashion_mnist"  # or cifar10 / imagenet: the paper's setup
+    seeds: int | None = None  # None: the script's cpu_seeds on fashion_mnist, else its paper_seeds
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds − 1: split a sweep across jobs
+    model: str | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    label_noise: float | None = None
+    augment: bool | None = None
+    dtype: str | None = None
+    probe_every: int | None = None
+    data_dir: str | None = None
+    eval_batch_size: int | None = None
+    ckpt_dir: str | None = None
+    workers: int | None = None
+    out: str | None = None  # None: runs/<script>/<dataset>-<model>/ beside the script
+    compile_cache: str | None = None  # None: <user cache>/neglected-hessian/jax; "": off
+    allow_cpu: bool = False  # train a paper setup (cifar10, imagenet) even when JAX only sees the CPU
+    smoke: bool = False  # tiny model, one epoch, one seed, first and last value of each swept number
+    plot_only: bool = False
+    cpu_seeds: int = 3
+    paper_seeds: int = 5
+
+
+SMOKE = dict(model="mlp16", train_subset=256, test_subset=512, batch_size=64, epochs=1)
+
+
+def resolve(flags: Flags, cpu_scale: dict | None = None) -> tuple[TrainConfig, RunOptions]:
+    """The base TrainConfig and RunOptions of a script's flags."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in dataclasses.asdict(flags).items() if k in fields and k != "dataset" and v is not None}
+    overrides = (cpu_scale or {} if flags.dataset == "fashion_mnist" else {}) | (SMOKE if flags.smoke else {})
+    base = for_dataset(flags.dataset, **(overrides | given))
+    opts = RunOptions(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(RunOptions)
+                         if getattr(flags, f.name, None) is not None})
+    if opts.eval_batch_size <= 0:
+        raise ConfigError(f"--eval-batch-size must be > 0, got {opts.eval_batch_size}")
+    return base, opts
+
+
+def identity(cfg: TrainConfig, seed: int) -> dict:
+    """A run's identity, as its CSV row records it."""
+    return {"seed": seed} | dataclasses.asdict(cfg)
+
+
+ID_FIELDS = ("seed",) + tuple(f.name for f in dataclasses.fields(TrainConfig))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _fmt(v) -> str:
+    if v is None or v == "":
+        return ""  # how the CSV stores None
+    if isinstance(v, bool):
+        return str(v)
+    try:
+        return repr(float(v))  # 0.1, "0.1" and 1e-1 are one value; 50 and "50.0" too
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def row_key(row: dict, fields=ID_FIELDS) -> tuple:
+    """The identity of a row, compared as text; a column the row lacks (a CSV written before the
+    field existed) counts as the field's default."""
+    return tuple(_fmt(row[f] if f in row else _DEFAULTS.get(f)) for f in fields)
+
+
+def varying(configs) -> list[str]:
+    """The TrainConfig fields whose values differ among `configs` (TrainConfigs or rows)."""
+    get = lambda c, f: _fmt(getattr(c, f) if isinstance(c, TrainConfig) else c.get(f, _DEFAULTS[f]))  # noqa: E731
+    return [f for f in ID_FIELDS[1:] if len({get(c, f) for c in configs}) > 1]
+
+
+def varying_field(rows: list[dict], f: str) -> set:
+    return {row_key(r, (f,))[0] for r in rows}
+
+
+def smoke_runs(configs: list) -> list:
+    """The configs whose every swept numeric field is at its first or last value (every activation and
+    method stays: the smoke run checks their wiring)."""
+    swept = [f for f in varying(configs) if not isinstance(getattr(configs[0], f), str)]
+    ends = {f: {_fmt(getattr(configs[0], f)), _fmt(getattr(configs[-1], f))} for f in swept}
+    return [c for c in configs if all(_fmt(getattr(c, f)) in ends[f] for f in swept)]
+
+
+def check_setup(path, configs) -> None:
+    """Refuse to add runs of another setup to a CSV: a field that is constant both among its rows and
+    among the new runs, with different values, is a different setup (a swept field may differ)."""
+    rows = read_rows(path)
+    if not rows:
+        return
+    new_swept, old_swept = set(varying(configs)), set(varying(rows))
+    ours = {f: _fmt(getattr(configs[0], f)) for f in ID_FIELDS[1:]}
+    theirs = {f: row_key(rows[0], (f,))[0] for f in ID_FIELDS[1:]}
+    diff = [f for f in ID_FIELDS[1:] if f not in new_swept | old_swept and ours[f] != theirs[f]]
+    if diff:
+        what = ", ".join(f"{f} {theirs[f] or 'None'} (here {ours[f] or 'None'})" for f in diff)
+        raise ConfigError(f"--out: {path} holds runs of another setup: {what}; pass another --out")
+
+
+def read_rows(path) -> list[dict]:
+    """The rows of a results CSV. A last line without its newline (a writer killed mid-row) is
+    dropped with a warning and cut from the file, so that its run is redone."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        logging.warning("%s: dropping a partial last row (a run killed while writing it); it will be redone", path)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    return list(csv.DictReader(io.StringIO(data.decode())))
+
+
+def append_rows(path, rows: list[dict]) -> None:
+    """Append finished rows as one write, flushed and fsynced: a kill leaves either every row or a
+    partial last line that read_rows repairs. Rows with new columns rewrite the file (atomic
+    replace) under the union of the columns."""
+    old = read_rows(path)
+    header = _header(path)
+    new = list(dict.fromkeys(c for r in rows for c in r if c not in header))
+    if header and new:
+        _write_rows(path, old, header + new)
+    columns = header + new
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=columns)
+    if not header:
+        w.writeheader()
+    w.writerows({c: r.get(c, "") for c in columns} for r in rows)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            data = text.getvalue().encode()
+            while data:  # regular files take it in one write; loop in case one is short
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ConfigError(f"--out: cannot write {path} ({e.strerror}); the rows already there are kept") from None
+
+
+def _header(path) -> list[str]:
+    """The columns of a CSV file ([] if it is missing or empty)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
+def _write_rows(path, rows, columns) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows({c: r.get(c, "") for c in columns} for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def default_out(script: str, *parts: str) -> Path:
+    """runs/<script name>/<parts...> beside the script: outside the tracked results/."""
+    return Path(script).resolve().parent.joinpath("runs", Path(script).stem, *parts)
+
+
+def output_dir(out: str | None, default: Path) -> Path:
+    """The folder a script writes to (created): --out, else `default`. An unusable folder is one
+    ConfigError naming --out."""
+    path = Path(out) if out else default
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path}: is a file; pass a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {path}: cannot write there ({e.strerror}); pass another folder") from None
+    return path
+
+
+def write_config(out_dir, name: str, flags, base: TrainConfig | None = None) -> None:
+    """Add this call to <name>.config.json: its flags, the resolved base setup and the versions, so the
+    file lists every call that wrote to the folder (each row's own setup is in the CSV)."""
+    path = Path(out_dir) / f"{name}.config.json"
+    calls = json.loads(path.read_text())["calls"] if path.exists() else []
+    versions = {m: importlib.metadata.version(m) for m in ("jax", "jaxlib", "equinox", "optax", "grain", "numpy")}
+    calls.append({"flags": dataclasses.asdict(flags), "base": dataclasses.asdict(base) if base else None,
+                  "versions": versions, "python": sys.version.split()[0], "backend": jax.default_backend(),
+                  "devices": jax.device_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    path.write_text(json.dumps({"calls": calls}, indent=2, default=str))
+
+
+def train_row(cfg: TrainConfig, seed: int, opts: RunOptions) -> dict:
+    """One run's CSV columns after its identity: METRICS, and the last probe's values (probe_*)."""
+    r = train(cfg, seed, opts=opts)
+    return {k: r[k] for k in METRICS} | {k: v for k, v in r.items() if k.startswith("probe_")}
+
+
+def sweep(path, runs: list[tuple[TrainConfig, int]], opts: RunOptions, run_one=train_row) -> None:
+    """Run every (TrainConfig, seed) of `runs` whose row is not yet in the CSV at `path`, appending
+    each row as soon as its run finishes (process 0 writes)."""
+    done = {row_key(r) for r in read_rows(path)}
+    todo = [(tc, s) for tc, s in runs if row_key(identity(tc, s)) not in done]
+    swept = varying([tc for tc, _ in runs])
+    print(f"{Path(path).stem}: {len(todo)} of {len(runs)} runs to do -> {path}", flush=True)
+    for tc, seed in todo:
+        row = identity(tc, seed) | run_one(tc, seed, opts)
+        if jax.process_index() == 0:
+            append_rows(path, [row])
+        what = " ".join(f"{f}={getattr(tc, f)}" for f in swept)
+        print(f"  {what} seed {seed}: test acc {row['test_accuracy']:.4f}  train acc {row['train_accuracy']:.4f}"
+              f"  {row['wall_s']:.0f}s", flush=True)
+
+
+def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc: str, argv=None, *,
+               cpu_scale: dict | None = None, claims: Callable | None = None) -> None:
+    """A figure script's main: flags -> runs -> CSV -> plot -> verdicts. `make_runs(cfg, base)` lists
+    the TrainConfigs of one seed; `plot(rows, png_path)` draws the CSV's rows; `claims(cfg)` lists the
+    paper's claims as Claims, judged on the rows into <name>.verdict.csv."""
+    flags = parse_config(config_cls, argv, doc)
+    base, opts = resolve(flags, cpu_scale)
+    name = Path(script).stem
+    seeds = flags.seeds if flags.seeds is not None else (
+        flags.cpu_seeds if flags.dataset == "fashion_mnist" else flags.paper_seeds)
+    if seeds < 1 or flags.first_seed < 0:
+        raise ConfigError(f"--seeds must be >= 1 and --first-seed >= 0, got {seeds} and {flags.first_seed}")
+    if flags.dataset != "fashion_mnist" and jax.default_backend() == "cpu" and not (flags.allow_cpu or flags.smoke
+                                                                                    or flags.plot_only):
+        raise ConfigError(f"--dataset {flags.dataset}: JAX sees only the CPU here, and the paper setup would take "
+                          "weeks on it; install the accelerator build (uv run --extra cuda13 | cuda12 | tpu ...) "
+                          "or pass --allow-cpu")
+    use_compile_cache(flags.compile_cache)
+    settings = make_runs(flags, base)
+    if flags.smoke:
+        settings, seeds = smoke_runs(settings), 1
+    for tc in dict.fromkeys(settings):
+        validate(tc)  # every bad value fails now, not hours into the sweep
+    out = output_dir(flags.out, default_out(script, f"{base.dataset}-{base.model}"))
+    csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"
+    lead = jax.process_index() == 0
+    if not flags.plot_only:
+        check_setup(csv_path, settings)
+        if lead:
+            write_config(out, name, flags, base)
+        runs = [(tc, s) for s in range(flags.first_seed, flags.first_seed + seeds) for tc in settings]
+        sweep(csv_path, runs, dataclasses.replace(opts, curves=str(out / f"{name}.curves.csv")))
+    rows = read_rows(csv_path)
+    if not rows:
+        raise ConfigError(f"--plot-only: no results in {csv_path}")
+    if lead:
+        verdicts = report_verdicts(rows, claims(flags), out / f"{name}.verdict.csv") if claims else []
+        plot(rows, png_path, verdicts)
+        print(f"{name}: plotted {png_path}")
+
+
+def use_compile_cache(path: str | None) -> None:
+    """Keep compiled steps on disk across processes (JAX's persistent compilation cache): `path`, or
+    <user cache>/neglected-hessian/jax when None; "" turns it off."""
+    if path == "":
+        return
+    if path is None:
+        path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "neglected-hessian",
+                            "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1572,13 +2301,13 @@ def parse_config(config_cls, argv=None, doc: str | None = None):
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
-        if kind is bool:
+        base = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+        if base[0] is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif typing.get_origin(kind) is tuple:
             p.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=f.default,
                            help=f"default: {' '.join(map(str, f.default))}")
         else:
-            base = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
             p.add_argument(flag, type=base[0], default=f.default, help=f"default: {f.default}")
     args = vars(p.parse_args(argv))
     return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
@@ -1598,127 +2327,415 @@ def run_cli(main: Callable[[], None]) -> None:
         sys.exit(130)
 
 
-def read_rows(path) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+#### Plots #########################################################################################
 
 
-def append_row(path, row: dict) -> None:
-    """Append one finished run; the header is written with the first row. Flushed and fsynced so that
-    a kill after this call never loses the row."""
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
+def _curves(rows, x: str, facet: str | None):
+    """{panel: {curve key: rows}}: one curve per distinct identity apart from x, facet and seed, so
+    rows of different setups are never averaged."""
+    rest = [f for f in ID_FIELDS if f not in (x, facet, "seed")]
+    panels: dict = {}
+    for r in rows:
+        panels.setdefault(r.get(facet) if facet else None, {}).setdefault(row_key(r, rest), []).append(r)
+    return panels, rest
 
 
-def row_key(row: dict, columns) -> tuple:
-    """The identity of a run in the CSV, compared as text (the CSV stores text)."""
-    return tuple(_fmt(row[c]) for c in columns)
-
-
-def _fmt(v) -> str:
-    if v is None or v == "":
-        return ""  # how the CSV stores None
-    try:
-        return repr(float(v))  # 0.1, "0.1" and 1e-1 are one value; 50 and "50.0" too
-    except (TypeError, ValueError):
-        return str(v)
-
-
-def write_config(out_dir, cfg, name: str = "config") -> None:
-    """<name>.config.json: the resolved script config and the versions that produced the results."""
-    versions = {m: importlib.metadata.version(m) for m in ("jax", "jaxlib", "equinox", "optax", "grain", "numpy")}
-    info = {"config": dataclasses.asdict(cfg), "versions": versions, "python": sys.version.split()[0],
-            "backend": jax.default_backend(), "devices": jax.device_count()}
-    with open(os.path.join(out_dir, f"{name}.config.json"), "w") as f:
-        json.dump(info, f, indent=2, default=str)
-
-
-# The TrainConfig fields a figure script exposes as flags (None: the dataset's setup), and the ones
-# that, with the swept values, identify a run in its CSV.
-SCRIPT_FLAGS = ("data_dir", "model", "epochs", "batch_size", "lr", "train_subset", "test_subset")
-RUN_KEY = ("method", "activation", "dataset", "model", "epochs", "batch_size", "lr", "train_subset", "seed")
-
-
-def script_setup(cfg, cpu_scale: dict, smoke: dict) -> TrainConfig:
-    """A figure script's base TrainConfig: the dataset's setup, then the script's CPU_SCALE (for
-    fashion_mnist) and SMOKE (with --smoke), then every flag that was given."""
-    overrides = (cpu_scale if cfg.dataset == "fashion_mnist" else {}) | (smoke if cfg.smoke else {})
-    overrides |= {k: getattr(cfg, k) for k in SCRIPT_FLAGS if getattr(cfg, k) is not None}
-    return for_dataset(cfg.dataset, **overrides)
-
-
-def sweep(name: str, cfg, runs: list, swept: tuple, run_one: Callable[[TrainConfig, int], dict]) -> str:
-    """Run every (TrainConfig, seed) of `runs` whose row is not yet in <cfg.out>/<name>.csv, appending
-    each row as soon as its run finishes. A row is identified by the `swept` TrainConfig fields and
-    RUN_KEY, so a changed setup (e.g. --epochs) is a new row, never a skipped one. Returns the path."""
-    key = tuple(swept) + RUN_KEY
-    ident = lambda tc, seed: {k: seed if k == "seed" else getattr(tc, k) for k in key}
-    for tc, _ in runs:
-        validate(tc)  # every bad value fails now, not hours into the sweep
-    os.makedirs(cfg.out, exist_ok=True)
-    write_config(cfg.out, dataclasses.replace(cfg, **{k: getattr(runs[0][0], k) for k in SCRIPT_FLAGS}), name)
-    path = os.path.join(cfg.out, f"{name}.csv")
-    done = {row_key(r, key) for r in read_rows(path)}
-    todo = [(tc, s) for tc, s in runs if row_key(ident(tc, s), key) not in done]
-    print(f"{name}: {len(todo)} of {len(runs)} runs to do -> {path}", flush=True)
-    for tc, seed in todo:
-        row = ident(tc, seed) | run_one(tc, seed)
-        append_row(path, row)
-        what = " ".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in swept)
-        print(f"  {tc.method} {tc.activation} {what} seed {seed}: test acc {row['test_accuracy']:.4f}  "
-              f"train acc {row['train_accuracy']:.4f}  {row['wall_s']:.0f}s", flush=True)
-    return path
-
-
-def plot_sweep(csv_path, png_path, x: str, series: str, title: str, *, logx=False, xlabel=None,
-               y="test_accuracy", facet: str | None = None) -> None:
-    """Mean over seeds of `y` against `x`, one line per value of `series` (one panel per value of
-    `facet`), with a ±1 std band; diverged runs are marked with an x on the bottom axis. `title` and
-    `xlabel` may name CSV columns ("{method}"), filled from the first row; the title ends with the
-    dataset/model setups and the number of seeds."""
+def plot_sweep(rows: list[dict], png_path, x: str, title: str, *, facet: str | None = None, logx=False,
+               xlabel=None, y="test_accuracy", verdicts: list[dict] | None = None) -> list[str]:
+    """Mean over seeds of `y` against `x` with a ±1 sample-sd band (ddof = 1), one line per distinct
+    setup (labelled by the fields that differ between lines), one panel per value of `facet`;
+    diverged runs are marked with an x on the bottom axis. With `verdicts` (judge's lines), a last
+    panel draws each claim's paired contrast and 95% interval against x. Returns the lines' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_rows(csv_path)
-    if not rows:
-        raise ConfigError(f"no results in {csv_path} to plot")
-    setups = ", ".join(sorted({f"{r['dataset']} {r['model']}" for r in rows}))
-    title = f"{title.format_map(rows[0])}, {setups}, seeds: {len({r['seed'] for r in rows})}"
-    xlabel = (xlabel or x).format_map(rows[0])
-    panels = sorted({r[facet] for r in rows}) if facet else [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        sub = [r for r in rows if facet is None or r[facet] == panel]
-        for name in sorted({r[series] for r in sub}):
-            runs = [r for r in sub if r[series] == name]
+    panels, rest = _curves(rows, x, facet)
+    fixed = {f: rows[0].get(f) for f in ("dataset", "model", "epochs", "train_subset", "label_noise")}
+    title = (f"{title}, {fixed['dataset']} {fixed['model']}, {float(fixed['epochs']):g} epochs, "
+             f"seeds: {len({r['seed'] for r in rows})}")
+    extra = 1 if verdicts else 0
+    fig, axes = plt.subplots(1, len(panels) + extra, figsize=(5.4 * (len(panels) + extra), 4.2), squeeze=False)
+    if extra:
+        plot_contrasts(axes[0][-1], verdicts, x, logx, xlabel or x)
+    labels = []
+    for ax, (panel, curves) in zip(axes[0], sorted(panels.items(), key=lambda kv: str(kv[0]))):
+        differ = varying([r[0] for r in curves.values()])
+        for key, runs in curves.items():
+            label = ", ".join(runs[0][f] if f in ("activation", "method") else f"{f}={runs[0][f]}" for f in differ)
+            ok = lambda r: r["diverged"] != "True" and math.isfinite(float(r[y]))  # noqa: E731
             xs = sorted({float(r[x]) for r in runs})
-            ok = lambda r: r["diverged"] != "True" and math.isfinite(float(r[y]))
             vals = [[float(r[y]) for r in runs if float(r[x]) == v and ok(r)] for v in xs]
             mean = np.array([np.mean(v) if v else np.nan for v in vals])
-            std = np.array([np.std(v) if v else np.nan for v in vals])
-            (line,) = ax.plot(xs, mean, marker="o", label=name)
-            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            sd = np.array([np.std(v, ddof=1) if len(v) > 1 else np.nan for v in vals])
+            (line,) = ax.plot(xs, mean, marker="o", label=label or None)
+            labels.append(label)
+            ax.fill_between(xs, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
             bad = [float(r[x]) for r in runs if not ok(r)]
             if bad:
                 ax.plot(bad, [0.0] * len(bad), "x", color=line.get_color(), transform=ax.get_xaxis_transform(),
-                        clip_on=False, markersize=9, label=f"{name}: diverged")
+                        clip_on=False, markersize=9, label=f"{label}: diverged")
         if logx:
-            ax.set_xscale("symlog", linthresh=min([float(r[x]) for r in sub if float(r[x]) > 0] or [1.0]))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(y.replace("_", " "))
-        ax.set_title(title if panel is None else f"{title}\n{facet} = {panel}", fontsize=10)
+            positive = [float(r[x]) for rs in curves.values() for r in rs if float(r[x]) > 0]
+            ax.set_xscale("symlog", linthresh=min(positive or [1.0]))
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(f"{y.replace('_', ' ')} (mean ± 1 sample sd)")
+        ax.set_title(title if facet is None else f"{title}\n{facet} = {panel}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if any(ax.get_legend_handles_labels()[1]):
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+    return labels
+
+
+def plot_contrasts(ax, verdicts: list[dict], x: str, logx: bool, xlabel: str) -> None:
+    """Each claim's paired contrast (mean and 95% t-interval over seeds) against the value of `x` named in
+    its `at`; a filled marker where reproduced, a cross where contradicted, hollow where inconclusive."""
+    series: dict = {}
+    for line in verdicts:
+        at = dict(part.split("=", 1) for part in line["at"].split(", ") if "=" in part)
+        if x in at and math.isfinite(float(line["mean"])):
+            rest = ", ".join(f"{k}={v}" for k, v in at.items() if k != x)
+            series.setdefault(f"{line['contrast']}" + (f" ({rest})" if rest else ""), []).append((float(at[x]), line))
+    for i, (label, points) in enumerate(sorted(series.items())):
+        points.sort(key=lambda p: p[0])
+        xs = np.array([p[0] for p in points]) * (1 + 0.04 * (i - (len(series) - 1) / 2))  # side by side
+        mean = np.array([float(p[1]["mean"]) for p in points])
+        err = np.array([[m - float(p[1]["lo"]), float(p[1]["hi"]) - m] for m, p in zip(mean, points)]).T
+        (line,) = ax.plot(xs, mean, label=label, lw=1)
+        ax.errorbar(xs, mean, yerr=np.nan_to_num(err), fmt="none", color=line.get_color(), capsize=3)
+        for xv, m, (_, v) in zip(xs, mean, points):
+            style = {"reproduced": dict(marker="o"), "contradicted": dict(marker="X", markersize=9)}.get(
+                v["verdict"], dict(marker="o", markerfacecolor="white"))
+            ax.plot([xv], [m], color=line.get_color(), **style)
+    ax.axhline(0.0, color="black", lw=0.8)
+    if logx:
+        ax.set_xscale("log")
+    ticks = sorted({p[0] for points in series.values() for p in points})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("paired contrast, pt (95% interval)")
+    ax.set_title("claims: filled reproduced, hollow inconclusive, X contradicted", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+
+
+#### Verdicts (MATH.md §7) #########################################################################
+# One seed fixes the initialisation and the batch order, so runs that share a seed are paired: each
+# claim is a per-seed contrast Σ coef · accuracy, summarised by its mean and 95% t-interval over the
+# seeds where every term has a finished run. Rows of different setups are never averaged: a term
+# that matches two rows for one seed is an error, not a mean.
+
+_CF_EPS, _CF_FPMIN, _CF_MAXIT = 1e-15, 1e-300, 100_000
+
+
+def _beta_cf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularized incomplete beta function I_x(a, b), evaluated by
+    the modified Lentz method (Numerical Recipes' betacf); it converges fast for x < (a+1)/(a+b+2)."""
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > _CF_FPMIN else _CF_FPMIN)
+    h = d
+    for m in range(1, _CF_MAXIT + 1):
+        for aa in (m * (b - m) * x / ((qam + 2 * m) * (a + 2 * m)),
+                   -(a + m) * (qab + m) * x / ((a + 2 * m) * (qap + 2 * m))):
+            d, c = 1.0 + aa * d, 1.0 + aa / c
+            d = 1.0 / (d if abs(d) > _CF_FPMIN else _CF_FPMIN)
+            c = c if abs(c) > _CF_FPMIN else _CF_FPMIN
+            h *= d * c
+        if abs(d * c - 1.0) < _CF_EPS:
+            return h
+    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
+
+
+def _inc_beta(a: float, b: float, x: float, y: float, log_x: float, log_y: float) -> float:
+    """I_x(a, b) for 0 < x < 1, given y = 1 − x and both logarithms separately, because near x = 1
+    (the t tail at large df) 1 − x and log x cannot be recovered from x to full precision."""
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * log_x + b * log_y)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _beta_cf(a, b, x) / a
+    return 1.0 - front * _beta_cf(b, a, y) / b
+
+
+def _t_tail(t: float, df: float) -> float:
+    """P(T > t) for T Student-t with df degrees of freedom and t ≥ 0: ½ I_{df/(df+t²)}(df/2, ½)."""
+    r = t * t / df
+    if r == 0.0:
+        return 0.5
+    log_x, log_y = -math.log1p(r), math.log(r) - math.log1p(r)
+    return 0.5 * _inc_beta(0.5 * df, 0.5, 1.0 / (1.0 + r), r / (1.0 + r), log_x, log_y)
+
+
+def _t_pdf(t: float, df: float) -> float:
+    """The Student-t density with df degrees of freedom at t."""
+    log_norm = math.lgamma(0.5 * (df + 1.0)) - math.lgamma(0.5 * df) - 0.5 * math.log(df * math.pi)
+    return math.exp(log_norm - 0.5 * (df + 1.0) * math.log1p(t * t / df))
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t distribution with df degrees of freedom: the t with P(T ≤ t) = p,
+    for 0 < p < 1 and real df ≥ 1; t(1 − p) = −t(p). Newton's method on the tail probability
+    (incomplete beta by continued fraction) inside a bisection bracket. Relative error below 1e-9 for
+    df ≤ 1e6 and 1e-12 ≤ p ≤ 1 − 1e-12; beyond df ≈ 1e7 the lgamma difference loses digits."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"t_quantile: p must lie in (0, 1), got {p}")
+    if not df >= 1.0:
+        raise ValueError(f"t_quantile: df must be >= 1, got {df}")
+    if p == 0.5:
+        return 0.0
+    tail, sign = (1.0 - p, 1.0) if p > 0.5 else (p, -1.0)
+    lo, hi = 0.0, 1.0  # invariant: _t_tail(lo) > tail >= _t_tail(hi)
+    while _t_tail(hi, df) > tail:
+        lo, hi = hi, 2.0 * hi
+    t = hi
+    for _ in range(400):
+        gap = _t_tail(t, df) - tail
+        if gap == 0.0:
+            break
+        lo, hi = (t, hi) if gap > 0.0 else (lo, t)
+        new = t + gap / _t_pdf(t, df)
+        if not lo < new < hi:
+            new = 0.5 * (lo + hi)
+        if abs(new - t) <= 1e-15 * t:
+            t = new
+            break
+        t = new
+    return sign * t
+
+
+@dataclasses.dataclass(frozen=True)
+class Contrast:
+    """A per-seed paired contrast summarised over seeds (MATH.md §7), in accuracy points.
+
+    values: seed → contrast of that seed, in increasing seed order; n = len(values); mean (NaN when
+    n = 0); sd, with ddof = 1; half = t_{0.975, n−1} · sd / √n; the 95% interval [lo, hi] =
+    mean ∓ half (sd, half, lo, hi are NaN when n < 2). missing: seeds dropped because some term has
+    no row for them; diverged: seeds dropped because a term's run diverged or has a non-finite value."""
+
+    values: dict[int, float]
+    n: int
+    mean: float
+    sd: float
+    half: float
+    lo: float
+    hi: float
+    missing: int = 0
+    diverged: int = 0
+
+
+# The measured columns of a results row: rows that differ only in these are repeated runs of one
+# setup, and naming them would not help narrow a selector.
+_OUTCOME_COLUMNS = frozenset(METRICS)
+
+
+def _canonical(v) -> float | str:
+    """v as a float when it parses as one (so 0.1, "0.1" and "1e-1" are one value), else as a str."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _matches(row: dict, selector: dict) -> bool:
+    """Whether the row has every selector value: compared as numbers when both sides parse as floats,
+    else as strings."""
+    return all(_canonical(row.get(k)) == _canonical(v) for k, v in selector.items())
+
+
+def _value(row: dict, y: str) -> float:
+    """The row's y as a float, NaN when the run diverged or y is missing, empty or non-finite."""
+    if str(row.get("diverged", "False")) == "True":
+        return math.nan
+    v = _canonical(row.get(y))
+    return v if isinstance(v, float) and math.isfinite(v) else math.nan
+
+
+def _summarize(values: dict[int, float], missing: int, diverged: int) -> Contrast:
+    """The Contrast of per-seed values given in increasing seed order."""
+    v, n, nan = np.array(list(values.values()), dtype=float), len(values), math.nan
+    mean = float(v.mean()) if n else nan
+    sd = float(v.std(ddof=1)) if n >= 2 else nan
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n) if n >= 2 else nan
+    return Contrast(values, n, mean, sd, half, mean - half, mean + half, missing, diverged)
+
+
+def gain_terms(a: dict, b: dict, x: str, at, base=0.0) -> list:
+    """Terms of gain(a, at) − gain(b, at), where gain(s, at) = accuracy(s, x = at) − accuracy(s, x = base)."""
+    return [(+1, a | {x: at}), (-1, a | {x: base}), (-1, b | {x: at}), (+1, b | {x: base})]
+
+
+def contrast(rows: list[dict], terms, *, y: str = "test_accuracy") -> Contrast:
+    """The paired contrast Σ coef · 100 · y(row) per seed (column "seed") over results rows (MATH.md §7).
+
+    terms: a sequence of (coef, selector), a selector being a dict column → value that picks one
+    setting, e.g. [(+1, {"activation": "gelu", "rho": 0.1}), (-1, {"activation": "gelu", "rho": 0})].
+    A seed enters when every term has a row for it, that run did not diverge and its y is finite;
+    other seeds that some term has are dropped and counted in `missing` (a term has no row; this
+    wins when both apply) or `diverged`. Raises ValueError when a selector names a column no row
+    has, or matches more than one row for one seed (the message names the setup columns in which
+    those rows differ: add them to the selector)."""
+    if not terms:
+        raise ValueError("contrast: no terms")
+    columns = set().union(*(r.keys() for r in rows))
+    by_term = []  # per term: seed → its matching rows
+    for coef, selector in terms:
+        unknown = sorted(set(selector) - columns)
+        if unknown:
+            raise ValueError(f"contrast: selector {selector} names columns absent from every row: {unknown}")
+        seeds: dict[int, list[dict]] = {}
+        for r in rows:
+            if _matches(r, selector):
+                seeds.setdefault(int(r["seed"]), []).append(r)
+        for seed, group in seeds.items():
+            if len(group) > 1:
+                differ = [c for c in group[0] if c not in _OUTCOME_COLUMNS and c != y
+                          and len({_canonical(r.get(c)) for r in group}) > 1]
+                why = (f"they differ in {', '.join(differ)}: add those columns to the selector" if differ
+                       else "they are identical in every setup column (repeated runs of one setup)")
+                raise ValueError(f"contrast: selector {selector} matches {len(group)} rows for seed {seed}; "
+                                 + why)
+        by_term.append({s: g[0] for s, g in seeds.items()})
+    values, missing, diverged = {}, 0, 0
+    for seed in sorted(set().union(*by_term)):
+        if any(seed not in t for t in by_term):
+            missing += 1
+            continue
+        ys = [_value(t[seed], y) for t in by_term]
+        if not all(math.isfinite(v) for v in ys):
+            diverged += 1
+            continue
+        values[seed] = 100.0 * math.fsum(float(coef) * v for (coef, _), v in zip(terms, ys))
+    return _summarize(values, missing, diverged)
+
+
+def first_seeds(c: Contrast, n: int) -> Contrast:
+    """c restricted to its n lowest-numbered seeds (all of them when n ≥ c.n), for the stability report
+    at n − 2 seeds; missing and diverged are c's, the seeds dropped before the restriction."""
+    if n < 0:
+        raise ValueError(f"first_seeds: n must be >= 0, got {n}")
+    return _summarize({s: c.values[s] for s in sorted(c.values)[:n]}, c.missing, c.diverged)
+
+
+DIRECTIONS = (">0", "<0", "~0")
+EQUIVALENCE_BAND = 0.5  # accuracy points: a "~0" claim is reproduced when its interval lies within ±this
+
+
+def verdict(c: Contrast, direction: str) -> str:
+    """The verdict on a claim that the contrast is > 0, < 0 or ~0 (MATH.md §7): "reproduced",
+    "contradicted" or "inconclusive". ">0": reproduced when lo > 0, contradicted when hi < 0; "<0" mirrored; "~0":
+    reproduced when [lo, hi] lies within ±EQUIVALENCE_BAND, contradicted when it lies wholly
+    beyond the band on one side (lo > band or hi < −band). Inconclusive otherwise and when n < 2."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"verdict: direction must be one of {DIRECTIONS}, got {direction!r}")
+    lo, hi, band = c.lo, c.hi, EQUIVALENCE_BAND
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive"
+    if direction == ">0":
+        return "reproduced" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
+    if direction == "<0":
+        return "reproduced" if hi < 0 else "contradicted" if lo > 0 else "inconclusive"
+    if -band <= lo and hi <= band:
+        return "reproduced"
+    return "contradicted" if lo > band or hi < -band else "inconclusive"
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One claim of the paper as a contrast (MATH.md §7): name, e.g. "Fig. 2"; label, the contrast in
+    words, e.g. "gain(gelu) − gain(relu)"; at, where it is evaluated, e.g. "rho=0.1"; terms, as in
+    contrast(); direction, the paper's sign of the contrast: ">0", "<0" or "~0"."""
+
+    name: str
+    label: str
+    at: str
+    terms: tuple
+    direction: str
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"Claim {self.name}: direction must be one of {DIRECTIONS}, "
+                             f"got {self.direction!r}")
+
+
+VERDICT_COLUMNS = ("claim", "contrast", "at", "direction", "n", "mean", "lo", "hi", "missing", "diverged",
+                   "n2", "mean2", "lo2", "hi2", "verdict")
+
+
+def judge(rows: list[dict], claims) -> list[dict]:
+    """One line per claim and per setup, a dict with keys VERDICT_COLUMNS: the claim's name, label, at
+    and direction; its contrast over rows (n, mean, lo, hi, missing, diverged); the same over its
+    n2 = max(n − 2, 0) lowest seeds (mean2, lo2, hi2; NaN when n2 < 2); and the verdict (MATH.md §7):
+    verdict() at n seeds when it equals verdict() at n2 seeds, else "inconclusive", because a verdict
+    that changes when two seeds are added is not one (so with n ≤ 3 seeds every claim is
+    inconclusive). Rows are paired on the seed and on every other identity field: where the rows
+    sweep a field that no term names (a copied script sweeping weight_decay, say), the claim is
+    judged once per value, its `at` naming it."""
+    lines = []
+    for claim in claims:
+        named = sorted({k for _, selector in claim.terms for k in selector})
+        cells: dict = {}  # rows per value of the named fields
+        for r in rows:
+            cells.setdefault(row_key(r, named), []).append(r)
+        # fields swept apart from the named ones (not merely following them, as fig3's ρ follows the method)
+        extra = [f for f in varying(rows)
+                 if f not in named and any(len(varying_field(c, f)) > 1 for c in cells.values())]
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault(tuple(r.get(f, _DEFAULTS[f]) for f in extra), []).append(r)
+        for values, sub in groups.items():
+            c = contrast(sub, claim.terms)
+            early = first_seeds(c, max(c.n - 2, 0))
+            ok = early.n >= 2
+            final = verdict(c, claim.direction)
+            stable = final if final == verdict(early, claim.direction) else "inconclusive"
+            at = ", ".join([claim.at] * bool(claim.at) + [f"{f}={v}" for f, v in zip(extra, values)])
+            lines.append({"claim": claim.name, "contrast": claim.label, "at": at,
+                          "direction": claim.direction, "n": c.n, "mean": c.mean, "lo": c.lo, "hi": c.hi,
+                          "missing": c.missing, "diverged": c.diverged, "n2": early.n,
+                          "mean2": early.mean if ok else math.nan, "lo2": early.lo if ok else math.nan,
+                          "hi2": early.hi if ok else math.nan, "verdict": stable})
+    return lines
+
+
+def write_verdicts(path, lines: list[dict]) -> None:
+    """Writes judge()'s lines as a CSV with the columns VERDICT_COLUMNS, floats with 4 significant
+    digits ("nan" when undefined)."""
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(VERDICT_COLUMNS)
+        w.writerows([cell(line[k]) for k in VERDICT_COLUMNS] for line in lines)
+
+
+def _signed(v: float) -> str:
+    """v to 2 decimals with its sign, "+" or "−" (U+2212); "nan" when undefined."""
+    return "nan" if math.isnan(v) else f"{v:+.2f}".replace("-", "\u2212")
+
+
+def format_verdict(line: dict) -> str:
+    """One human line for a judge() line (or one read back from write_verdicts' CSV), e.g.
+    "Fig. 2 gain(gelu) − gain(relu) at rho=0.1: +0.19 pt [−0.11, +0.49], n = 5
+    (n − 2: +0.37 [+0.33, +0.41]) -> inconclusive"; seeds dropped, if any, follow n."""
+    f = {k: float(line[k]) for k in ("mean", "lo", "hi", "mean2", "lo2", "hi2")}
+    missing, diverged = int(line["missing"]), int(line["diverged"])
+    dropped = f", dropped {missing} unpaired + {diverged} diverged" if missing or diverged else ""
+    early = ("n − 2: too few seeds" if math.isnan(f["mean2"]) else
+             f"n − 2: {_signed(f['mean2'])} [{_signed(f['lo2'])}, {_signed(f['hi2'])}]")
+    at = f" at {line['at']}" if line["at"] else ""
+    interval = f"{_signed(f['mean'])} pt [{_signed(f['lo'])}, {_signed(f['hi'])}]"
+    return (f"{line['claim']} {line['contrast']}{at}: {interval}, n = {line['n']}{dropped} ({early})"
+            f" -> {line['verdict']}")
+
+
+def report_verdicts(rows: list[dict], claims, path) -> list[dict]:
+    """Judge the claims on the rows, print one line each and write them to `path` (CSV); claims whose
+    settings are not in the rows (a copied script that dropped them) are left out."""
+    lines = [line for line in judge(rows, claims) if line["n"] or line["diverged"]]
+    for line in lines:
+        print(format_verdict(line), flush=True)
+    write_verdicts(path, lines)
+    return lines

@@ -16,3 +16,27 @@ def x64():
     """Float64 for comparisons against dense references."""
     with jax.enable_x64(True):
         yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the engine, data, scripts and bench (deselect: -m 'not slow')")
+
+
+@pytest.fixture(autouse=True)
+def _fast_compiles(request):
+    """The math tests (not marked slow) compile many small float64 programs: XLA's optimisations cost
+    more time there than they save, and change no value beyond rounding. The engine tests compile as
+    a run does."""
+    jax.config.update("jax_disable_most_optimizations", request.node.get_closest_marker("slow") is None)
+    yield
+
+
+import common  # noqa: E402
+
+use_compile_cache = common.use_compile_cache  # the real one, for the test that checks it
+
+
+@pytest.fixture(autouse=True)
+def _no_compile_cache(monkeypatch):
+    """Scripts keep compiled steps in the user's cache folder; tests leave it alone."""
+    monkeypatch.setattr(common, "use_compile_cache", lambda path: None)

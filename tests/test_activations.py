@@ -1,4 +1,4 @@
-"""Activations: values and AD derivatives against SPEC section 2's formulas, under every AD path."""
+"""Activations: values and AD derivatives against MATH.md §2's formulas, under every AD path."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import ConfigError, activation
+from common import ACTIVATIONS, Activation, ConfigError, activation, twin
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -23,7 +23,7 @@ def cdf(x):
 
 
 def reference(name, beta, x):
-    """(f, f', f'') of SPEC's table, in NumPy float64."""
+    """(f, f', f'') of MATH.md §2's table, in NumPy float64."""
     step = (x > 0).astype(float)
     if name == "relu":
         return np.maximum(x, 0), step, 0 * x
@@ -32,13 +32,14 @@ def reference(name, beta, x):
         return x * cdf(b * x), cdf(b * x) + b * x * pdf(b * x), b * pdf(b * x) * (2 - b * b * x * x)
     if name == "relu_aug":
         return np.maximum(x, 0), step, beta * pdf(beta * x)
-    if name == "gelu_dim":
-        return x * cdf(x), cdf(x) + x * pdf(x), 0 * x
+    if name in ("gelu_dim", "beta_gelu_dim"):
+        b = 1.0 if name == "gelu_dim" else beta
+        return x * cdf(b * x), cdf(b * x) + b * x * pdf(b * x), 0 * x
     raise AssertionError(name)
 
 
 CASES = [("relu", 1.0), ("gelu", 1.0), ("beta_gelu", 1.0), ("beta_gelu", 4.0), ("beta_gelu", 0.5),
-         ("relu_aug", 1.0), ("relu_aug", 4.0), ("gelu_dim", 1.0)]
+         ("relu_aug", 1.0), ("relu_aug", 4.0), ("gelu_dim", 1.0), ("beta_gelu_dim", 1.0), ("beta_gelu_dim", 4.0)]
 GRID = np.array([-60.0, -9.0, -3.0, -1.0, -0.4, -1e-3, 0.0, 1e-3, 0.25, 0.7, 1.5, 4.0, 12.0, 60.0])
 
 
@@ -113,6 +114,29 @@ def test_gelu_dim_first_order_is_gelu():
     np.testing.assert_allclose(jax.vmap(jax.grad(dim))(x), jax.vmap(jax.grad(gelu))(x), rtol=1e-15, atol=1e-16)
     assert np.all(jax.vmap(jax.grad(jax.grad(dim)))(x) == 0)
     assert np.any(jax.vmap(jax.grad(jax.grad(gelu)))(x) != 0)
+
+
+@pytest.mark.parametrize("name,beta", CASES)
+def test_traced_beta_equals_python_beta(name, beta):
+    """Inside the train step β is an array input (one compile per β sweep): same values and derivatives."""
+    x = jnp.asarray(GRID, jnp.float64)
+    ref = activation(name, beta)
+    f = lambda b: Activation(name, b)  # noqa: E731
+    for d in (lambda g: g, lambda g: jax.vmap(jax.grad(g)), lambda g: jax.vmap(jax.grad(jax.grad(g)))):
+        got = jax.jit(lambda x, b: d(f(b))(x))(x, jnp.asarray(beta))
+        np.testing.assert_allclose(got, d(ref)(x), rtol=1e-13, atol=1e-300)
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_twin_has_same_first_order_and_no_second_derivative(name):
+    """The twin (MATH.md §6) keeps the value and first derivative and drops φ″ (relu_aug's twin is relu)."""
+    x = jnp.asarray(GRID)
+    f = activation(name, 4.0)
+    t = twin(f)
+    np.testing.assert_allclose(t(x), f(x), rtol=1e-15, atol=1e-300)
+    np.testing.assert_allclose(jax.vmap(jax.grad(t))(x), jax.vmap(jax.grad(f))(x), rtol=1e-14, atol=1e-16)
+    assert np.all(jax.vmap(jax.grad(jax.grad(t)))(x) == 0)
+    assert ACTIVATIONS[t.name].twin == t.name  # a twin is its own twin
 
 
 def test_dtype_preserved():

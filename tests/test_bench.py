@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,12 +20,13 @@ def bench():
 
 
 def test_analysis_mode_writes_ratios(bench, tmp_path):
-    bench.main(["--analyze", "--configs", "tiny:8:16:float32", "--methods", "sgd", "gp_p1", "sam",
+    bench.main(["--analyze", "--configs", "tiny:8:16:float32", "--methods", "sgd", "gp_p1", "sam", "probe",
                 "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "bench_cpu_xla.csv")))
-    assert [r["method"] for r in rows] == ["sgd", "gp_p1", "sam"]
+    assert [r["method"] for r in rows] == ["sgd", "gp_p1", "sam", "probe"]
     ratio = {r["method"]: float(r["flop_ratio"]) for r in rows}
     assert ratio["sgd"] == 1.0 and 1.8 < ratio["sam"] < 2.2 and ratio["gp_p1"] > 1.5  # two grads; grad + HVP
+    assert ratio["probe"] > 3  # gradient, three Hessian products, and the loops (whose bodies XLA counts once)
 
 
 def test_timed_mode_writes_the_issue_columns(bench, tmp_path):
@@ -34,7 +37,9 @@ def test_timed_mode_writes_the_issue_columns(bench, tmp_path):
                              "compile_s", "peak_mem_mb"]
     assert [r["method"] for r in rows][:2] == ["sgd", "weight_noise"]
     assert float(rows[0]["ratio_to_sgd"]) == 1.0 and float(rows[1]["step_ms"]) > 0
-    assert {r["method"] for r in rows[2:]} == {"pipeline:small_images_b128", "pipeline:imagenet_folder_b64"}
+    methods = [r["method"] for r in rows[2:]]
+    assert methods[0] == "pipeline:small_images_b128" and methods[-1].startswith("pipeline:imagenet_folder_b64")
+    assert {m.split(":")[1] for m in methods[1:5]} == {"train_full_decode", "train", "eval_full_decode", "eval"}
 
 
 def test_bad_config_spec_exits_2(bench, capsys):

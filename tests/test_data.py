@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import (DATASET_SPECS, ConfigError, augment_small, eval_batches, imagenet_batches, load_small,
-                    normalize, small_batches)
+import common
+from common import (DATASET_SPECS, ConfigError, ImageFolder, augment_small, eval_batches, load_small, normalize,
+                    small_batches)
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -273,7 +276,7 @@ def _labels_match_pixels(xb, yb):
 
 def test_imagenet_train(imagenet_dir, caplog):
     with caplog.at_level(logging.WARNING):
-        batches = list(imagenet_batches(imagenet_dir, "train", 4, seed=0, num_epochs=1, workers=0))
+        batches = list(ImageFolder(imagenet_dir, workers=0).train(4, seed=0, num_epochs=1))
     assert len(batches) == 5  # 20 readable images
     for xb, yb in batches:
         assert xb.shape == (4, 224, 224, 3) and xb.dtype == np.uint8 and yb.dtype == np.int32
@@ -281,21 +284,21 @@ def test_imagenet_train(imagenet_dir, caplog):
     assert sorted(np.concatenate([b[1] for b in batches]).tolist()) == sorted(list(range(5)) * 4)
     bad = [r for r in caplog.records if "n02_corrupt.JPEG" in r.getMessage()]
     assert len(bad) == 1 and bad[0].levelno == logging.WARNING
-    again = list(imagenet_batches(imagenet_dir, "train", 4, seed=0, num_epochs=1, workers=0))
+    again = list(ImageFolder(imagenet_dir, workers=0).train(4, seed=0, num_epochs=1))
     assert _same(batches, again)
 
 
 def test_imagenet_train_resume(imagenet_dir):
     (imagenet_dir / "train" / "n02" / "n02_corrupt.JPEG").unlink()  # resume is exact only without skips
-    full = list(imagenet_batches(imagenet_dir, "train", 4, seed=1, num_epochs=2, workers=0))
+    full = list(ImageFolder(imagenet_dir, workers=0).train(4, seed=1, num_epochs=2))
     assert len(full) == 10
-    tail = list(imagenet_batches(imagenet_dir, "train", 4, seed=1, num_epochs=2, start_step=7, workers=0))
+    tail = list(ImageFolder(imagenet_dir, workers=0).train(4, seed=1, num_epochs=2, start_step=7))
     assert _same(tail, full[7:])
 
 
 def test_imagenet_val(imagenet_dir, caplog):
     with caplog.at_level(logging.WARNING):
-        batches = list(imagenet_batches(imagenet_dir, "val", 6, seed=0, num_epochs=1, workers=0))
+        batches = list(ImageFolder(imagenet_dir, workers=0).test(6))
     assert [len(b[1]) for b in batches] == [6, 6, 6, 2]
     assert np.concatenate([b[1] for b in batches]).tolist() == sorted(list(range(5)) * 4)
     for xb, yb in batches:
@@ -306,6 +309,28 @@ def test_imagenet_val(imagenet_dir, caplog):
 
 def test_imagenet_missing_folder(tmp_path):
     with pytest.raises(ConfigError, match="--data-dir"):
-        imagenet_batches(tmp_path, "train", 4, seed=0, num_epochs=1, workers=0)
-    with pytest.raises(ConfigError, match="--data-dir"):
-        imagenet_batches(None, "train", 4, seed=0, num_epochs=1, workers=0)
+        ImageFolder(tmp_path)
+    with pytest.raises(ConfigError, match="needs --data-dir: a folder holding train/<class>"):
+        ImageFolder(None)
+
+
+def test_imagenet_classes_and_subset_come_from_the_folder(imagenet_dir):
+    (imagenet_dir / "train" / "n02" / "n02_corrupt.JPEG").unlink()
+    data = ImageFolder(imagenet_dir, workers=0)
+    assert data.spec.num_classes == 5 and (data.n_train, data.n_test) == (20, 20)
+    small = ImageFolder(imagenet_dir, train_subset=7, test_subset=6, workers=0)
+    assert (small.n_train, small.n_test) == (7, 6)
+    again = ImageFolder(imagenet_dir, train_subset=7, workers=0)  # a fixed subset, the same for every run
+    assert list(again.sources["train"].rel) == list(small.sources["train"].rel)
+    assert sum(len(b[1]) for b in small.train(2, seed=0, num_epochs=1)) == 6  # 3 batches of 2, one image left
+    cfg = common.for_dataset("imagenet", model="tiny", train_subset=7)
+    assert common.load_data(cfg, workers=0, data_dir=imagenet_dir).n_train == 7
+
+
+def test_label_noise_moves_a_fixed_fraction_to_other_classes():
+    y = np.repeat(np.arange(10, dtype=np.int32), 100)
+    noisy = common._noisy(y, 0.3, 10)
+    assert (noisy != y).sum() == 300 and noisy.min() >= 0 and noisy.max() <= 9
+    np.testing.assert_array_equal(noisy, common._noisy(y, 0.3, 10))  # the same for every run
+    counts = np.bincount((noisy - y)[noisy != y] % 10, minlength=10)
+    assert counts[0] == 0 and counts[1:].min() > 15  # moved to every other class

@@ -7,7 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from common import BN, ConfigError, apply, count_params, decay_mask, make_model
+from common import BN, ConfigError, apply, count_params, decay_mask, make_model, model_builder
+
+pytestmark = pytest.mark.slow
 
 # Compiles dominate on CPU: shapes and activation sites are checked by tracing (eval_shape) for every
 # model; real forward passes use small models, the zero-init check single ResNet blocks.
@@ -64,7 +66,6 @@ def _counted(name, in_channels):
     *[(n, (3, 32, 32), jnp.bfloat16) for n in ("tiny", "cnn16", "wrn10_1", "resnet18")]])
 def test_every_nonlinearity_is_the_activation_and_shapes(name, shape, dtype):
     model, state = _counted(name, shape[0])
-    assert all(leaf is not _counting_act for leaf in jax.tree.leaves(model))  # a static field, not a leaf
     if dtype == jnp.bfloat16:  # as the train step casts the floating weights
         model = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype) if isinstance(a, jax.ShapeDtypeStruct)
                              else a, model)
@@ -212,10 +213,23 @@ def test_decay_mask_abstract(name, weights):  # convs (+ shortcuts), linear head
 @pytest.mark.parametrize("name", ["resnet", "resnet34", "vgg16", "wrn28", "cnn", "Tiny"])
 def test_unknown_model_raises_config_error(name):
     with pytest.raises(ConfigError, match=r"--model: unknown model .*accepted: resnet50, resnet18"):
-        make_model(name, 10, jax.nn.relu, KEY)
+        model_builder(name)
 
 
 @pytest.mark.parametrize("name", ["wrn27_10", "wrn8_1", "wrn28_0", "cnn0"])
 def test_invalid_size_raises_config_error(name):
     with pytest.raises(ConfigError, match="--model.*(depth|width)"):
-        make_model(name, 10, jax.nn.relu, KEY)
+        model_builder(name)  # checked from the name alone, before anything is built
+
+
+def test_with_beta_reaches_every_activation_site():
+    """The train step sets β on the built model (a traced array there): the same logits as a model built
+    with that β, and different from β = 1."""
+    from common import activation, with_beta
+
+    x = _randn(3, (4, 3, 8, 8))
+    model, state = make_model("cnn4", 3, activation("beta_gelu"), KEY)
+    built, _ = make_model("cnn4", 3, activation("beta_gelu", 4.0), KEY)
+    run = eqx.filter_jit(lambda m, b: apply(with_beta(m, b), state, x)[0])
+    np.testing.assert_allclose(run(model, jnp.float32(4.0)), apply(built, state, x)[0], rtol=1e-6)
+    assert not np.allclose(run(model, jnp.float32(4.0)), apply(model, state, x)[0])
