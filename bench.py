@@ -215,7 +215,7 @@ def pipelines(cfg, platform):
     if cfg.imagenet_dir:
         root = cfg.imagenet_dir
     else:  # removed at exit, after Grain's own exit handler has stopped its workers
-        root = jpeg_folder(tempfile.mkdtemp(prefix="bench_jpegs_"), per_class=16 if cfg.quick else 64)
+        root = jpeg_folder(tempfile.mkdtemp(prefix="bench_jpegs_"), per_class=4 if cfg.quick else 64)
         atexit.register(shutil.rmtree, root, ignore_errors=True)
     data = common.ImageFolder(root)
     for name, rate in decode_rates(data.sources["train"], repeats=1 if cfg.quick else 3).items():

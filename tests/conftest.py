@@ -20,14 +20,15 @@ def x64():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: the engine, data, scripts and bench (deselect: -m 'not slow')")
+    config.addinivalue_line("markers", "optimized: compile with XLA's optimisations (FLOP and memory counts)")
 
 
 @pytest.fixture(autouse=True)
 def _fast_compiles(request):
-    """The math tests (not marked slow) compile many small float64 programs: XLA's optimisations cost
-    more time there than they save, and change no value beyond rounding. The engine tests compile as
-    a run does."""
-    jax.config.update("jax_disable_most_optimizations", request.node.get_closest_marker("slow") is None)
+    """Tests compile many small programs once each: XLA's optimisations cost more time there than
+    they save, and change no value beyond rounding. Tests marked `optimized` (XLA's FLOP counts)
+    compile as a run does."""
+    jax.config.update("jax_disable_most_optimizations", request.node.get_closest_marker("optimized") is None)
     yield
 
 

@@ -19,6 +19,7 @@ def bench():
     return module
 
 
+@pytest.mark.optimized
 def test_analysis_mode_writes_ratios(bench, tmp_path):
     bench.main(["--analyze", "--configs", "tiny:8:16:float32", "--methods", "sgd", "gp_p1", "sam", "probe",
                 "--out", str(tmp_path)])

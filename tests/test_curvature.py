@@ -136,6 +136,7 @@ def test_cse_merges_repeats_only():
     assert [e.primitive.name for e in eqns].count("sin") == 2
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("name", ["gelu", "relu_aug"])
 def test_cse_of_nested_jvps_same_gradient_fewer_flops(name):
     """∇(L + εᵀHε) through nested JVPs, as hessian_trace differentiates it: cse changes no derivative

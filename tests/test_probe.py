@@ -298,25 +298,25 @@ def test_lanczos_from_below():
 
 
 def test_probe_step_on_the_zoo():
-    """probe_step: the φ″ share is exactly 0 for relu and positive for gelu; one support fraction per
-    hidden layer, smaller for a larger β; the train loop's Prober writes one row per probe."""
+    """probe_step: the φ″ share is exactly 0 for relu and positive for relu_aug (same forward, same first
+    derivative); one support fraction per hidden layer, smaller for a larger β."""
     with jax.enable_x64(False):
         x = np.random.default_rng(0).integers(0, 255, (64, 8, 8, 1), dtype=np.uint8)
         y = (np.arange(64) % 10).astype(np.int32)
         mean, std = (100.0,), (60.0,)
         got = {}
-        for name, beta in (("relu", 1.0), ("gelu", 1.0), ("relu_aug", 1.0), ("relu_aug", 8.0)):
+        for name, beta in (("relu", 1.0), ("relu_aug", 1.0), ("relu_aug", 8.0)):  # β is traced: 2 compiles
             net = common.NetSpec("mlp16", name, 10, 1)
             model, state = common.make_model("mlp16", 10, activation(name), jax.random.key(0), in_channels=1)
             params = common.eqx.filter(model, common.eqx.is_inexact_array)
             got[name, beta] = {k: float(v) for k, v in common.probe_step(
                 net, mean, std, params, state, jnp.float32(beta), x, y, jax.random.key(1)).items()}
-        assert got["relu", 1.0]["phi2_share"] == 0 and got["gelu", 1.0]["phi2_share"] > 1e-3
-        assert got["relu_aug", 1.0]["phi2_share"] > 1e-3
+        assert got["relu", 1.0]["phi2_share"] == 0 and got["relu_aug", 1.0]["phi2_share"] > 1e-3
         assert [k for k in got["relu", 1.0] if k.startswith("support_")] == ["support_0", "support_1"]
         assert got["relu_aug", 8.0]["support_0"] < got["relu_aug", 1.0]["support_0"] < 1
 
 
+@pytest.mark.optimized  # the probe's loops run many times: XLA's optimisations pay here
 def test_prober_writes_curves_and_the_final_values(tmp_path):
     from test_train import DATA, QUIET, TINY
 
