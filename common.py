@@ -1767,7 +1767,7 @@ class _Log:
 
 def run_id(cfg: TrainConfig, seed: int) -> str:
     """A short stable name of a run's identity (its checkpoint folder)."""
-    text = json.dumps({"seed": seed} | dataclasses.asdict(cfg), sort_keys=True)
+    text = json.dumps({k: _fmt(v) for k, v in identity(cfg, seed).items()}, sort_keys=True)  # 50 == 50.0
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -1917,8 +1917,9 @@ def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run
         pending, run.step, images = (run.step, metrics), run.step + 1, images + run.cfg.batch_size
         if every and (run.step % every == 0 or run.step == run.total) and not run.diverged:
             callback(run)
-        if run.ckpt and _agree(save_due(run.step, time.perf_counter() - last_save, opts.ckpt_every_s,
-                                        jax.process_count())):
+        procs = jax.process_count()
+        if run.ckpt and (procs == 1 or run.step % 100 == 0) and _agree(
+                save_due(run.step, time.perf_counter() - last_save, opts.ckpt_every_s, procs)):
             record(pending)
             pending = None
             if not run.diverged:
@@ -1955,7 +1956,8 @@ PROBE_BATCH = 512
 class Prober:
     """The curvature probe as fit's callback: on a fixed batch of about PROBE_BATCH training images
     (a multiple of the device count), one row per call appended to `path` (the run's identity, step,
-    epoch and every probe value); `last` keeps the latest values."""
+    epoch and every probe value); `last` keeps the latest values. Rows of this run past the step it
+    starts from (a run restarted without its checkpoint) are dropped; those up to it are kept."""
 
     def __init__(self, run: Run, data, path):
         n = jax.device_count()
@@ -1963,11 +1965,14 @@ class Prober:
         self.x, self.y = _global(run.mesh, *data.probe_batch(size))
         self.net, self.spec, self.path, self.last = run.spec.net, data.spec, path, {}
         self.key = jax.random.fold_in(jax.random.key(run.seed), 1 << 30)  # apart from the step keys
-        if jax.process_index() == 0 and (rows := read_rows(path)):  # a restarted run's old rows go
-            ident = row_key(run.identity)
-            kept = [r for r in rows if row_key(r) != ident]
-            if len(kept) < len(rows):
-                _write_rows(path, kept, list(rows[0]))
+        rows = read_rows(path)
+        ident = row_key(run.identity)
+        kept = [r for r in rows if row_key(r) != ident or int(r["step"]) <= run.step]
+        ours = [r for r in kept if row_key(r) == ident]
+        if ours:  # resumed: the values of its last probe so far
+            self.last = {k: float(v) for k, v in ours[-1].items() if k not in ID_FIELDS + ("step", "epoch")}
+        if jax.process_index() == 0 and len(kept) < len(rows):
+            _write_rows(path, kept, list(rows[0]))
 
     def __call__(self, run: Run) -> None:
         got = probe_step(self.net, self.spec.mean, self.spec.std, run.params, run.bn_state, run.hp.beta,
@@ -1985,7 +1990,9 @@ def train(cfg: TrainConfig, seed: int, data=None, opts: RunOptions = RunOptions(
           callback: Callable[[Run], None] | None = None) -> dict:
     """Train one model: setup, fit, evaluate. Returns METRICS (a non-finite loss ends the run early
     and is recorded as `diverged`, never raised), images_per_s, and the final params and bn_state.
-    `data` defaults to load_data(cfg); tests pass an InMemory of their own."""
+    `data` defaults to load_data(cfg); tests pass an InMemory of their own. With cfg.probe_every > 0
+    and opts.curves set, the curvature probe appends to that CSV and its last values are returned as
+    probe_*; a `callback` replaces it."""
     t_start = time.perf_counter()
     data = data if data is not None else load_data(cfg, opts.workers, opts.data_dir)
     run = setup(cfg, seed, data, opts)
@@ -2050,7 +2057,7 @@ def resolve(flags: Flags, cpu_scale: dict | None = None) -> tuple[TrainConfig, R
     """The base TrainConfig and RunOptions of a script's flags."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in dataclasses.asdict(flags).items() if k in fields and k != "dataset" and v is not None}
-    overrides = (cpu_scale or {} if flags.dataset == "fashion_mnist" else {}) | (SMOKE if flags.smoke else {})
+    overrides = ((cpu_scale or {}) if flags.dataset == "fashion_mnist" else {}) | (SMOKE if flags.smoke else {})
     base = for_dataset(flags.dataset, **(overrides | given))
     opts = RunOptions(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(RunOptions)
                          if getattr(flags, f.name, None) is not None})
@@ -2127,9 +2134,11 @@ def read_rows(path) -> list[dict]:
         data = f.read()
     if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
-        logging.warning("%s: dropping a partial last row (a run killed while writing it); it will be redone", path)
-        with open(path, "r+b") as f:
-            f.truncate(keep)
+        if jax.process_index() == 0:  # the one writer repairs; the others only skip it
+            logging.warning("%s: dropping a partial last row (a run killed while writing it); it will be redone",
+                            path)
+            with open(path, "r+b") as f:
+                f.truncate(keep)
         data = data[:keep]
     return list(csv.DictReader(io.StringIO(data.decode())))
 
@@ -2269,7 +2278,7 @@ def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc
         sweep(csv_path, runs, dataclasses.replace(opts, curves=str(out / f"{name}.curves.csv")))
     rows = read_rows(csv_path)
     if not rows:
-        raise ConfigError(f"--plot-only: no results in {csv_path}")
+        raise ConfigError(f"--out: no results in {csv_path}" + (" to plot" if flags.plot_only else ""))
     if lead:
         verdicts = report_verdicts(rows, claims(flags), out / f"{name}.verdict.csv") if claims else []
         plot(rows, png_path, verdicts)

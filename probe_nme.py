@@ -74,13 +74,18 @@ PANELS = {"phi2_share": "φ″ share ‖(H − H_twin)ĝ‖/‖Hĝ‖", "nme_sha
           "lam_h": "λ_max(H)", "support": "support of φ″: share of |x| < 1/β"}
 
 
+def setting(r: dict) -> tuple[str, str]:
+    """(method with its ρ, activation with its β): what a curve or a summary line averages over seeds."""
+    method = r["method"] + (f" ρ={float(r['rho']):g}" if float(r["rho"]) else "")
+    return method, r["activation"] + (f" β={float(r['beta']):g}" if r["activation"] == "beta_gelu" else "")
+
+
 def curves(rows: list[dict]) -> dict:
     """{(method, label): {quantity: (epochs, mean, sd)}} over seeds; `support` is the mean over layers."""
     out: dict = {}
     for r in rows:
-        label = r["activation"] + (f" β={float(r['beta']):g}" if r["activation"] == "beta_gelu" else "")
         r = r | {"support": np.mean([float(v) for k, v in r.items() if k.startswith("support_") and v])}
-        cell = out.setdefault((r["method"], label), {}).setdefault(float(r["epoch"]), [])
+        cell = out.setdefault(setting(r), {}).setdefault(float(r["epoch"]), [])
         cell.append(r)
     return {key: {q: (np.array(sorted(by_epoch)),
                       np.array([np.mean([float(r[q]) for r in by_epoch[e]]) for e in sorted(by_epoch)]),
@@ -96,7 +101,7 @@ def plot(rows: list[dict], png_path, verdicts=()) -> None:
     import matplotlib.pyplot as plt
 
     data = curves(common.read_rows(Path(png_path).with_suffix(".curves.csv")))
-    methods = sorted({m for m, _ in data}, key=lambda m: m != "sgd")
+    methods = sorted({m for m, _ in data}, key=lambda m: (m != "sgd", m))
     fig, axes = plt.subplots(len(methods), len(PANELS), figsize=(3.3 * len(PANELS), 3.0 * len(methods)),
                              squeeze=False)
     for row, method in zip(axes, methods):
@@ -128,15 +133,14 @@ def summary(rows: list[dict], curves_path) -> None:
     data = curves(common.read_rows(curves_path))
     acc: dict = {}
     for r in rows:
-        label = r["activation"] + (f" β={float(r['beta']):g}" if r["activation"] == "beta_gelu" else "")
-        acc.setdefault((r["method"], label), []).append((float(r["train_accuracy"]), float(r["test_accuracy"])))
-    print(f"{'method':7} {'activation':15} {'train':>6} {'test':>6} {'φ″ share':>9} {'NME share':>9} "
+        acc.setdefault(setting(r), []).append((float(r["train_accuracy"]), float(r["test_accuracy"])))
+    print(f"{'method':12} {'activation':15} {'train':>6} {'test':>6} {'φ″ share':>9} {'NME share':>9} "
           f"{'‖∇zL‖':>7} "
           f"{'support':>7} {'tr NME':>8} {'λmax H':>8}")
-    for (method, label), c in sorted(data.items(), key=lambda kv: (kv[0][0] != "sgd", kv[0][1])):
+    for (method, label), c in sorted(data.items(), key=lambda kv: (kv[0][0] != "sgd", kv[0])):
         tr, te = np.mean(acc.get((method, label), [(math.nan, math.nan)]), axis=0)
         mean = lambda q: float(np.mean(c[q][1]))  # noqa: E731
-        print(f"{method:7} {label:15} {tr:6.3f} {te:6.4f} {mean('phi2_share'):9.4f} {mean('nme_share'):9.4f} "
+        print(f"{method:12} {label:15} {tr:6.3f} {te:6.4f} {mean('phi2_share'):9.4f} {mean('nme_share'):9.4f} "
               f"{mean('logit_grad_rms'):7.3f} {mean('support'):7.3f} {c['tr_nme'][1][-1]:8.2f} "
               f"{c['lam_h'][1][-1]:8.2f}")
 

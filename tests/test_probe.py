@@ -328,3 +328,9 @@ def test_prober_writes_curves_and_the_final_values(tmp_path):
         assert float(rows[-1]["phi2_share"]) == pytest.approx(r["probe_phi2_share"])
         common.train(cfg, 0, DATA, dataclasses.replace(QUIET, curves=str(tmp_path / "c.csv")))  # a rerun
         assert len(common.read_rows(tmp_path / "c.csv")) == 2  # replaces its rows, never duplicates
+        # Resumed from its final checkpoint (killed before its result row was written): rows and values kept.
+        opts = dataclasses.replace(QUIET, curves=str(tmp_path / "c.csv"), ckpt_dir=str(tmp_path / "ckpt"))
+        first = common.train(cfg, 0, DATA, opts)
+        again = common.train(cfg, 0, DATA, opts)
+        assert len(common.read_rows(tmp_path / "c.csv")) == 2
+        assert again["probe_phi2_share"] == pytest.approx(first["probe_phi2_share"], rel=1e-6)
