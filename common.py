@@ -163,10 +163,15 @@ def twin(act: Activation) -> Activation:
     return Activation(ACTIVATIONS[act.name].twin, act.beta)
 
 
+def map_acts(model, fn):
+    """`model` with every Activation `a` replaced by fn(a)."""
+    is_act = lambda x: isinstance(x, Activation)  # noqa: E731
+    return jax.tree.map(lambda a: fn(a) if is_act(a) else a, model, is_leaf=is_act)
+
+
 def with_beta(model, beta):
     """`model` with every Activation's beta replaced (by a traced array inside the step)."""
-    is_act = lambda x: isinstance(x, Activation)  # noqa: E731
-    return jax.tree.map(lambda a: Activation(a.name, beta) if is_act(a) else a, model, is_leaf=is_act)
+    return map_acts(model, lambda a: Activation(a.name, beta))
 
 
 #### Curvature (Eq. 2, MATH.md §1) ################################################################
@@ -1659,8 +1664,7 @@ def eval_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, mask):
 def with_act(model, act):
     """`model` with every Activation replaced by `act`, any elementwise callable (the probe's twin and
     its recording wrapper)."""
-    is_act = lambda x: isinstance(x, Activation)  # noqa: E731
-    return jax.tree.map(lambda a: act if is_act(a) else a, model, is_leaf=is_act)
+    return map_acts(model, lambda _: act)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("samples", "iters"))
@@ -2125,33 +2129,41 @@ def check_setup(path, configs) -> None:
         raise ConfigError(f"--out: {path} holds runs of another setup: {what}; pass another --out")
 
 
+def _repair(path) -> None:
+    """Cut a last line without its newline (a writer killed mid-row) from a CSV, with a warning, so
+    that its run is redone. Process 0 alone repairs (the one writer); the others read past it."""
+    if jax.process_index() or not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1
+    logging.warning("%s: dropping a partial last row (a run killed while writing it); it will be redone", path)
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
 def read_rows(path) -> list[dict]:
-    """The rows of a results CSV. A last line without its newline (a writer killed mid-row) is
-    dropped with a warning and cut from the file, so that its run is redone."""
+    """The rows of a results CSV, a partial last line repaired (`_repair`) or skipped."""
+    _repair(path)
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
         data = f.read()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        if jax.process_index() == 0:  # the one writer repairs; the others only skip it
-            logging.warning("%s: dropping a partial last row (a run killed while writing it); it will be redone",
-                            path)
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-        data = data[:keep]
-    return list(csv.DictReader(io.StringIO(data.decode())))
+    return list(csv.DictReader(io.StringIO(data[: data.rfind(b"\n") + 1].decode())))
 
 
 def append_rows(path, rows: list[dict]) -> None:
     """Append finished rows as one write, flushed and fsynced: a kill leaves either every row or a
-    partial last line that read_rows repairs. Rows with new columns rewrite the file (atomic
-    replace) under the union of the columns."""
-    old = read_rows(path)
+    partial last line that `_repair` cuts. Rows with new columns rewrite the file (atomic replace)
+    under the union of the columns."""
+    _repair(path)
     header = _header(path)
     new = list(dict.fromkeys(c for r in rows for c in r if c not in header))
     if header and new:
-        _write_rows(path, old, header + new)
+        _write_rows(path, read_rows(path), header + new)
     columns = header + new
     text = io.StringIO()
     w = csv.DictWriter(text, fieldnames=columns)
