@@ -1479,96 +1479,128 @@ _load_small_cached = functools.lru_cache(maxsize=2)(load_small)  # a sweep decod
 # batch (global view: XLA inserts the all-reduces). The step is compiled once per StepSpec, the
 # hashable description of what its code depends on; every Hyper scalar is an array input.
 
-SETUPS = {
-    # Paper setups (MATH.md §4). Cosine decay for both, as in the paper.
-    "imagenet": dict(model="resnet50", batch_size=256, epochs=300, lr=0.1, momentum=0.9, nesterov=False,
-                     weight_decay=1e-4, decay_norm_and_bias=False, warmup_epochs=5.0, augment=False),
-    "cifar10": dict(model="wrn28_10", batch_size=128, epochs=200, lr=0.1, momentum=0.9, nesterov=True,
-                    weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=0.0, augment=True),
-    # CPU scale (MATH.md §5, README "The CPU regime"): a BN MLP memorising 1,024 Fashion-MNIST images
-    # of which 30% carry a wrong label, chosen by the curvature probe among five candidates.
-    "fashion_mnist": dict(model="mlp256", batch_size=128, epochs=50, lr=0.05, momentum=0.9, nesterov=True,
-                          weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=1.0, augment=False,
-                          train_subset=1024, label_noise=0.3),
-}
+def setting(default, check: Callable[[Any], str | None] | None = None, *, flag: bool = True, help: str = ""):
+    """A configuration field: its default; the check of a value (None when the value is accepted, else
+    the accepted values as text; a None value is never checked); whether every figure script has a
+    --flag for it (`Flags`; False: the script's runs set it); and the flag's help."""
+    return dataclasses.field(default=default, metadata={"check": check, "flag": flag, "help": help})
+
+
+def at_least(lo):
+    return lambda v: None if v >= lo else f">= {lo}"
+
+
+def above(lo):
+    return lambda v: None if v > lo else f"> {lo}"
+
+
+def in_range(lo, hi):
+    return lambda v: None if lo <= v < hi else f"in [{lo}, {hi})"
+
+
+def one_of(names):
+    """A name in `names`, a registry read at check time: an entry added later counts."""
+    return lambda v: None if v in names else ", ".join(names)
+
+
+def _device_multiple(n):
+    d = jax.device_count()
+    return None if n > 0 and n % d == 0 else f"a positive multiple of the device count ({d})"
+
+
+def _known_model(name):
+    model_builder(name)  # raises its own ConfigError, naming a bad depth or width too
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """What one run trains. Every field is part of the run's identity: two runs with the same fields
-    and seed are the same run (resume, CSV rows, plots, checkpoints). `for_dataset` fills in the
-    paper's setup."""
+    and seed are the same run (resume, CSV rows, plots, checkpoints). A run starts from its dataset's
+    setup (SETUPS); a default here is what a column missing from an older CSV means, so it never
+    changes. A new field is one line: its default, its check and its flag (`setting`)."""
 
-    dataset: str = "fashion_mnist"
-    model: str = "mlp256"
-    activation: str = "relu"
-    beta: float = 1.0  # width of φ″ for beta_gelu and relu_aug
-    method: str = "sgd"
-    rho: float = 0.0
-    sigma2: float = 0.0
-    epochs: float = 50
-    batch_size: int = 128
-    lr: float = 0.05  # ImageNet: 0.1 × batch/256 (Goyal et al.), applied by for_dataset
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    decay_norm_and_bias: bool = True
-    warmup_epochs: float = 1.0
-    augment: bool = False  # pad-crop + flip on the device (small images; ImageNet crops in its pipeline)
-    train_subset: int | None = None  # first N training images (ImageNet: a fixed random N)
-    test_subset: int | None = None
-    label_noise: float = 0.0  # fraction of training labels moved to another class, fixed across runs
-    dtype: str = "float32"  # or "bfloat16": bf16 compute, fp32 parameters/optimizer/BN/loss/norms
-    probe_every: int = 0  # curvature probe every N steps (0: never)
+    dataset: str = setting("fashion_mnist", one_of(DATASETS))
+    model: str = setting("mlp256", _known_model)
+    activation: str = setting("relu", one_of(ACTIVATIONS), flag=False)
+    beta: float = setting(1.0, above(0), flag=False, help="width of φ″ for beta_gelu and relu_aug")
+    method: str = setting("sgd", one_of(RULES), flag=False)
+    rho: float = setting(0.0, at_least(0), flag=False, help="of gp, sam, usam")
+    sigma2: float = setting(0.0, at_least(0), flag=False, help="of weight_noise, hessian_trace, gn_trace")
+    epochs: float = setting(50, above(0))
+    batch_size: int = setting(128, _device_multiple)
+    lr: float = setting(0.05, above(0), help="ImageNet: 0.1 × batch/256 unless given (Goyal et al.)")
+    momentum: float = setting(0.9, in_range(0, 1))
+    nesterov: bool = setting(True)
+    weight_decay: float = setting(5e-4, at_least(0))
+    decay_norm_and_bias: bool = setting(True)
+    warmup_epochs: float = setting(1.0, at_least(0))
+    augment: bool = setting(False, help="pad-crop + flip on the device (small images; ImageNet crops in its pipeline)")
+    train_subset: int | None = setting(None, above(0), help="first N training images (ImageNet: a fixed random N)")
+    test_subset: int | None = setting(None, above(0))
+    label_noise: float = setting(0.0, in_range(0, 1), help="fraction of training labels moved to another class, "
+                                 "fixed across runs")
+    dtype: str = setting("float32", one_of(("float32", "bfloat16")), help="bfloat16: bf16 compute, fp32 "
+                         "parameters/optimizer/BN/loss/norms")
+    probe_every: int = setting(0, at_least(0), help="curvature probe every N steps (0: never)")
+
+
+# Every setup, whole (MATH.md §4). A script's runs set activation, beta, method, rho and sigma2; a
+# script may change its setup (its Config's `overrides`), and a flag given changes both.
+SETUPS = {
+    # The CPU regime (MATH.md §5, README "The CPU regime"): a BN MLP memorising 1,024 Fashion-MNIST
+    # images of which 30% carry a wrong label, chosen by the curvature probe among five candidates.
+    "fashion_mnist": TrainConfig(
+        dataset="fashion_mnist", model="mlp256", epochs=50, batch_size=128, lr=0.05, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=1.0, augment=False, train_subset=1024,
+        test_subset=None, label_noise=0.3, dtype="float32", probe_every=0),
+    # The paper's setups, cosine decay for both as in the paper.
+    "cifar10": TrainConfig(
+        dataset="cifar10", model="wrn28_10", epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=0.0, augment=True, train_subset=None,
+        test_subset=None, label_noise=0.0, dtype="float32", probe_every=0),
+    "imagenet": TrainConfig(  # lr: 0.1 × batch/256 (`for_dataset`)
+        dataset="imagenet", model="resnet50", epochs=300, batch_size=256, lr=0.1, momentum=0.9, nesterov=False,
+        weight_decay=1e-4, decay_norm_and_bias=False, warmup_epochs=5.0, augment=False, train_subset=None,
+        test_subset=None, label_noise=0.0, dtype="float32", probe_every=0),
+}
+CPU_SETUP = "fashion_mnist"  # the setup sized for a CPU; the others are the paper's, for an accelerator
+# --smoke on any dataset: a tiny model, one epoch (and one seed, the ends of each sweep: `run_script`).
+SMOKE = dict(model="mlp16", train_subset=256, test_subset=512, batch_size=64, epochs=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """How a run is executed: nothing here changes what it computes."""
 
-    data_dir: str | None = None
-    eval_batch_size: int = 1000
-    ckpt_dir: str | None = None  # one subfolder per run; rerunning the same command resumes
-    ckpt_every_s: float = 300.0
-    workers: int | None = None  # ImageNet decoding processes (None: one per core)
-    log: bool = True
-    log_every_s: float = 30.0  # without a terminal: at most one epoch line per this many seconds
-    curves: str | None = None  # CSV the curvature probe appends to (cfg.probe_every > 0)
+    data_dir: str | None = setting(None)
+    eval_batch_size: int = setting(1000, above(0))
+    ckpt_dir: str | None = setting(None, help="one subfolder per run; rerunning the same command resumes")
+    ckpt_every_s: float = setting(300.0, above(0))
+    workers: int | None = setting(None, above(0), help="ImageNet decoding processes (None: one per core)")
+    log: bool = setting(True)
+    log_every_s: float = setting(30.0, at_least(0), help="without a terminal: at most one epoch line per this "
+                                 "many seconds")
+    curves: str | None = setting(None, flag=False, help="CSV the curvature probe appends to (cfg.probe_every > 0)")
 
 
 def for_dataset(dataset: str, **overrides) -> TrainConfig:
-    """The paper's setup for `dataset` (MATH.md §4); overrides that are None are ignored."""
-    if dataset not in SETUPS:
-        raise ConfigError(f"--dataset: unknown dataset {dataset!r}; accepted: {', '.join(SETUPS)}")
-    setup = dict(SETUPS[dataset])
+    """The setup of `dataset` (SETUPS) with `overrides`, those that are None ignored. ImageNet's lr
+    follows its batch size, 0.1 × batch/256 (Goyal et al. 2018), unless lr is given."""
+    if accepted := one_of(SETUPS)(dataset):
+        raise ConfigError(f"--dataset: got {dataset!r}; accepted: {accepted}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if dataset == "imagenet" and "lr" not in overrides:
-        setup["lr"] = 0.1 * overrides.get("batch_size", setup["batch_size"]) / 256  # Goyal et al. 2018
-    setup.update(overrides)
-    return TrainConfig(dataset=dataset, **setup)
+        overrides["lr"] = 0.1 * overrides.get("batch_size", SETUPS[dataset].batch_size) / 256
+    return dataclasses.replace(SETUPS[dataset], **overrides)
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Every bad value as one ConfigError naming its flag; names are looked up in the registries."""
-    if cfg.dataset not in SETUPS:
-        raise ConfigError(f"--dataset: unknown dataset {cfg.dataset!r}; accepted: {', '.join(SETUPS)}")
-    activation(cfg.activation, cfg.beta)
-    if cfg.method not in RULES:
-        raise ConfigError(f"--method: unknown method {cfg.method!r}; accepted: {', '.join(RULES)}")
-    model_builder(cfg.model)
-    checks = {"rho": cfg.rho >= 0, "sigma2": cfg.sigma2 >= 0, "lr": cfg.lr > 0, "momentum": 0 <= cfg.momentum < 1,
-              "weight-decay": cfg.weight_decay >= 0, "epochs": cfg.epochs > 0, "warmup-epochs": cfg.warmup_epochs >= 0,
-              "label-noise": 0 <= cfg.label_noise < 1, "probe-every": cfg.probe_every >= 0,
-              "train-subset": cfg.train_subset is None or cfg.train_subset > 0,
-              "test-subset": cfg.test_subset is None or cfg.test_subset > 0}
-    for flag, ok in checks.items():
-        if not ok:
-            raise ConfigError(f"--{flag}: value {getattr(cfg, flag.replace('-', '_'))} is out of range")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype: unknown dtype {cfg.dtype!r}; accepted: float32, bfloat16")
-    n = jax.device_count()
-    if cfg.batch_size <= 0 or cfg.batch_size % n:
-        raise ConfigError(f"--batch-size {cfg.batch_size} must be a positive multiple of the device count ({n})")
+def validate(cfg) -> None:
+    """Every bad value of a configuration (TrainConfig, RunOptions, a script's Config) as one
+    ConfigError naming its flag: the check of each field (`setting`)."""
+    for f in dataclasses.fields(cfg):
+        value, check = getattr(cfg, f.name), f.metadata.get("check")
+        if check and value is not None and (accepted := check(value)):
+            raise ConfigError(f"--{f.name.replace('_', '-')}: got {value!r}; accepted: {accepted}")
 
 
 class NetSpec(NamedTuple):
@@ -2022,51 +2054,56 @@ def train(cfg: TrainConfig, seed: int, data=None, opts: RunOptions = RunOptions(
 
 
 @dataclasses.dataclass(frozen=True)
-class Flags:
-    """The flags every figure script shares. None: the dataset's setup (SETUPS), then for
-    fashion_mnist the script's CPU scale; a given flag overrides both."""
+class _ScriptFlags:
+    """The flags of every figure script besides the configuration's own (`Flags`)."""
 
-    dataset: str = "fashion_mnist"  # or cifar10 / imagenet: the paper's setup
-    seeds: int | None = None  # None: the script's cpu_seeds on fashion_mnist, else its paper_seeds
-    first_seed: int = 0  # seeds first_seed .. first_seed + seeds − 1: split a sweep across jobs
-    model: str | None = None
-    epochs: float | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    momentum: float | None = None
-    weight_decay: float | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
-    label_noise: float | None = None
-    augment: bool | None = None
-    dtype: str | None = None
-    probe_every: int | None = None
-    data_dir: str | None = None
-    eval_batch_size: int | None = None
-    ckpt_dir: str | None = None
-    workers: int | None = None
-    out: str | None = None  # None: runs/<script>/<dataset>-<model>/ beside the script
-    compile_cache: str | None = None  # None: <user cache>/neglected-hessian/jax; "": off
-    allow_cpu: bool = False  # train a paper setup (cifar10, imagenet) even when JAX only sees the CPU
-    smoke: bool = False  # tiny model, one epoch, one seed, first and last value of each swept number
-    plot_only: bool = False
-    cpu_seeds: int = 3
-    paper_seeds: int = 5
+    dataset: str = setting(CPU_SETUP, one_of(SETUPS), help="the setup (SETUPS): fashion_mnist is the CPU regime, "
+                           "cifar10 and imagenet the paper's")
+    seeds: int | None = setting(None, at_least(1), help="None: --cpu-seeds in the CPU regime, else --paper-seeds")
+    first_seed: int = setting(0, at_least(0), help="seeds first_seed .. first_seed + seeds − 1: split a sweep "
+                              "across jobs")
+    out: str | None = setting(None, help="None: runs/<script>/<dataset>-<model>/ beside the script")
+    compile_cache: str | None = setting(None, help="None: <user cache>/neglected-hessian/jax; \"\": off")
+    allow_cpu: bool = setting(False, help="train a paper setup (cifar10, imagenet) even when JAX only sees the CPU")
+    smoke: bool = setting(False, help="tiny model, one epoch, one seed, first and last value of each swept number")
+    plot_only: bool = setting(False)
+    cpu_seeds: int = setting(3, at_least(1))
+    paper_seeds: int = setting(5, at_least(1))
+    # A script's changes to a dataset's setup, {dataset: {field: value}}, applied before the flags.
+    overrides: typing.ClassVar[dict[str, dict]] = {}
 
 
-SMOKE = dict(model="mlp16", train_subset=256, test_subset=512, batch_size=64, epochs=1)
+def _optional(cls, shown: Callable[[type, str], str]) -> list:
+    """The fields of `cls` that have a flag, as optional Flags fields (None: keep the setup's value),
+    each with its check, its help and, as `shown(script's Config, name)`, its default for --help."""
+    hints = typing.get_type_hints(cls)
+    skip = {f.name for f in dataclasses.fields(_ScriptFlags)}
+    return [(f.name, hints[f.name] | None, dataclasses.field(
+                default=None, metadata=dict(f.metadata) | {"default": functools.partial(shown, name=f.name)}))
+            for f in dataclasses.fields(cls) if f.metadata.get("flag", True) and f.name not in skip]
 
 
-def resolve(flags: Flags, cpu_scale: dict | None = None) -> tuple[TrainConfig, RunOptions]:
-    """The base TrainConfig and RunOptions of a script's flags."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in dataclasses.asdict(flags).items() if k in fields and k != "dataset" and v is not None}
-    overrides = ((cpu_scale or {}) if flags.dataset == "fashion_mnist" else {}) | (SMOKE if flags.smoke else {})
-    base = for_dataset(flags.dataset, **(overrides | given))
+# Every figure script's flags: the script flags above, then one per TrainConfig and RunOptions field that
+# has a flag, generated; a script's Config extends it with the values it sweeps.
+Flags = dataclasses.make_dataclass(
+    "Flags",
+    _optional(TrainConfig, lambda config, name: "the setup's: " + ", ".join(
+        f"{d} {config.overrides.get(d, {}).get(name, getattr(s, name))}" for d, s in SETUPS.items()))
+    + _optional(RunOptions, lambda config, name: str(getattr(RunOptions, name))),
+    bases=(_ScriptFlags,), frozen=True)
+
+
+def resolve(flags) -> tuple[TrainConfig, RunOptions]:
+    """The base TrainConfig and RunOptions of a script's flags: the dataset's setup (SETUPS), the
+    script's changes to it (its Config's `overrides`), SMOKE under --smoke, then every value given (a
+    flag, or a script's field named as a TrainConfig field)."""
+    validate(flags)
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"dataset"}
+    given = {k: v for k, v in dataclasses.asdict(flags).items() if k in names and v is not None}
+    changes = flags.overrides.get(flags.dataset, {}) | (SMOKE if flags.smoke else {})
+    base = for_dataset(flags.dataset, **(changes | given))
     opts = RunOptions(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(RunOptions)
                          if getattr(flags, f.name, None) is not None})
-    if opts.eval_batch_size <= 0:
-        raise ConfigError(f"--eval-batch-size must be > 0, got {opts.eval_batch_size}")
     return base, opts
 
 
@@ -2096,10 +2133,14 @@ def row_key(row: dict, fields=ID_FIELDS) -> tuple:
     return tuple(_fmt(row[f] if f in row else _DEFAULTS.get(f)) for f in fields)
 
 
-def varying(configs) -> list[str]:
-    """The TrainConfig fields whose values differ among `configs` (TrainConfigs or rows)."""
-    get = lambda c, f: _fmt(getattr(c, f) if isinstance(c, TrainConfig) else c.get(f, _DEFAULTS[f]))  # noqa: E731
-    return [f for f in ID_FIELDS[1:] if len({get(c, f) for c in configs}) > 1]
+def _field(c, f: str) -> str:
+    """Field f of a TrainConfig or a row, as `row_key` compares it."""
+    return _fmt(getattr(c, f) if isinstance(c, TrainConfig) else c.get(f, _DEFAULTS.get(f)))
+
+
+def varying(configs, fields=ID_FIELDS[1:]) -> list[str]:
+    """The `fields` (by default the TrainConfig's) whose values differ among `configs` (TrainConfigs or rows)."""
+    return [f for f in fields if len({_field(c, f) for c in configs}) > 1]
 
 
 def varying_field(rows: list[dict], f: str) -> set:
@@ -2114,16 +2155,17 @@ def smoke_runs(configs: list) -> list:
     return [c for c in configs if all(_fmt(getattr(c, f)) in ends[f] for f in swept)]
 
 
-def check_setup(path, configs) -> None:
+def check_setup(path, configs, fields=ID_FIELDS[1:]) -> None:
     """Refuse to add runs of another setup to a CSV: a field that is constant both among its rows and
-    among the new runs, with different values, is a different setup (a swept field may differ)."""
+    among the new runs, with different values, is a different setup (a swept field may differ).
+    `configs` are TrainConfigs, or rows of a script that records its setup in other `fields`."""
     rows = read_rows(path)
     if not rows:
         return
-    new_swept, old_swept = set(varying(configs)), set(varying(rows))
-    ours = {f: _fmt(getattr(configs[0], f)) for f in ID_FIELDS[1:]}
-    theirs = {f: row_key(rows[0], (f,))[0] for f in ID_FIELDS[1:]}
-    diff = [f for f in ID_FIELDS[1:] if f not in new_swept | old_swept and ours[f] != theirs[f]]
+    new_swept, old_swept = set(varying(configs, fields)), set(varying(rows, fields))
+    ours = {f: _field(configs[0], f) for f in fields}
+    theirs = {f: row_key(rows[0], (f,))[0] for f in fields}
+    diff = [f for f in fields if f not in new_swept | old_swept and ours[f] != theirs[f]]
     if diff:
         what = ", ".join(f"{f} {theirs[f] or 'None'} (here {ours[f] or 'None'})" for f in diff)
         raise ConfigError(f"--out: {path} holds runs of another setup: {what}; pass another --out")
@@ -2257,19 +2299,16 @@ def sweep(path, runs: list[tuple[TrainConfig, int]], opts: RunOptions, run_one=t
 
 
 def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc: str, argv=None, *,
-               cpu_scale: dict | None = None, claims: Callable | None = None) -> None:
+               claims: Callable | None = None) -> None:
     """A figure script's main: flags -> runs -> CSV -> plot -> verdicts. `make_runs(cfg, base)` lists
     the TrainConfigs of one seed; `plot(rows, png_path)` draws the CSV's rows; `claims(cfg)` lists the
     paper's claims as Claims, judged on the rows into <name>.verdict.csv."""
     flags = parse_config(config_cls, argv, doc)
-    base, opts = resolve(flags, cpu_scale)
+    base, opts = resolve(flags)
     name = Path(script).stem
-    seeds = flags.seeds if flags.seeds is not None else (
-        flags.cpu_seeds if flags.dataset == "fashion_mnist" else flags.paper_seeds)
-    if seeds < 1 or flags.first_seed < 0:
-        raise ConfigError(f"--seeds must be >= 1 and --first-seed >= 0, got {seeds} and {flags.first_seed}")
-    if flags.dataset != "fashion_mnist" and jax.default_backend() == "cpu" and not (flags.allow_cpu or flags.smoke
-                                                                                    or flags.plot_only):
+    cpu = flags.dataset == CPU_SETUP
+    seeds = flags.seeds if flags.seeds is not None else (flags.cpu_seeds if cpu else flags.paper_seeds)
+    if not cpu and jax.default_backend() == "cpu" and not (flags.allow_cpu or flags.smoke or flags.plot_only):
         raise ConfigError(f"--dataset {flags.dataset}: JAX sees only the CPU here, and the paper setup would take "
                           "weeks on it; install the accelerator build (uv run --extra cuda13 | cuda12 | tpu ...) "
                           "or pass --allow-cpu")
@@ -2316,20 +2355,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_config(config_cls, argv=None, doc: str | None = None):
-    """argparse over a frozen dataclass: every field is a --flag with its default shown; tuple fields
-    take several values; bool fields are --flag / --no-flag."""
+    """argparse over a frozen dataclass: every field is a --flag with its help (`setting`) and default
+    shown; tuple fields take several values; bool fields are --flag / --no-flag. Values are checked
+    by `validate`, after parsing."""
     p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
         base = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+        shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        shown = f.metadata.get("default", shown)
+        shown = shown(config_cls) if callable(shown) else shown
+        help = "; ".join(filter(None, (f.metadata.get("help"), f"default: {shown}"))).replace("%", "%%")
         if base[0] is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         elif typing.get_origin(kind) is tuple:
-            p.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=f.default,
-                           help=f"default: {' '.join(map(str, f.default))}")
+            p.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=f.default, help=help)
         else:
-            p.add_argument(flag, type=base[0], default=f.default, help=f"default: {f.default}")
+            p.add_argument(flag, type=base[0], default=f.default, help=help)
     args = vars(p.parse_args(argv))
     return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
 

@@ -7,6 +7,7 @@ and one bad-input case go through a subprocess, the honest check of `__main__` a
 """
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import os
@@ -155,7 +156,7 @@ def test_copied_script_sweeping_weight_decay_resumes_and_plots_one_curve_per_val
 @pytest.mark.parametrize("name", TRAINING)
 def test_dataset_flag_alone_selects_the_papers_setup(name):
     module = load(name)
-    setup = lambda **kw: common.resolve(module.Config(**kw), getattr(module, "CPU_SCALE", None))[0]  # noqa: E731
+    setup = lambda **kw: common.resolve(module.Config(**kw))[0]  # noqa: E731
     cifar = setup(dataset="cifar10")
     assert (cifar.model, cifar.epochs, cifar.batch_size, cifar.augment, cifar.train_subset) == (
         "wrn28_10", 200, 128, True, None)
@@ -165,6 +166,40 @@ def test_dataset_flag_alone_selects_the_papers_setup(name):
     assert cpu.dataset == "fashion_mnist" and cpu.model.startswith("mlp") and cpu.train_subset
     assert setup(epochs=7, model="tiny").epochs == 7
     assert setup(dataset="imagenet", batch_size=1024).lr == 0.4  # linear scaling survives other flags
+
+
+def test_a_scripts_changes_to_its_setup_are_in_its_config():
+    fig5 = load("fig5_weight_noise")
+    assert fig5.Config.overrides == {"fashion_mnist": {"epochs": 30}}
+    assert common.resolve(fig5.Config())[0].epochs == 30
+    assert common.resolve(load("fig2_gp_relu_gelu").Config())[0].epochs == 50
+    assert common.resolve(fig5.Config(dataset="cifar10"))[0].epochs == 200
+    assert common.resolve(fig5.Config(epochs=7))[0].epochs == 7  # a flag given wins
+
+
+def test_every_configuration_field_with_a_flag_is_a_flag(capsys):
+    """Flags are generated from TrainConfig and RunOptions, checks and help from each field's metadata."""
+    flagged = [f.name for c in (common.TrainConfig, common.RunOptions) for f in dataclasses.fields(c)
+               if f.metadata["flag"]]
+    flags = {f.name: f for f in dataclasses.fields(common.Flags)}
+    assert set(flagged) <= set(flags) and "rho" not in flags and "curves" not in flags
+    assert all(flags[k].default is None for k in flagged if k != "dataset")
+    parsed = common.parse_config(common.Flags, ["--warmup-epochs", "2", "--no-nesterov", "--ckpt-every-s", "9"])
+    base, opts = common.resolve(parsed)
+    assert (base.warmup_epochs, base.nesterov, opts.ckpt_every_s) == (2.0, False, 9.0)
+    with pytest.raises(common.ConfigError, match=r"^--warmup-epochs: got -1.0; accepted: >= 0$"):
+        common.resolve(common.parse_config(common.Flags, ["--warmup-epochs", "-1"]))
+    with pytest.raises(SystemExit):
+        common.parse_config(common.Flags, ["--help"])
+    assert "fashion_mnist 1024, cifar10 None, imagenet None" in " ".join(capsys.readouterr().out.split())
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended:  # a new field is one line: its flag and its check follow
+        tau: float = common.setting(0.5, common.in_range(0, 1), help="a new rule's scalar")
+
+    assert common.parse_config(Extended, ["--tau", "0.25"]).tau == 0.25
+    with pytest.raises(common.ConfigError, match=r"^--tau: got 1.0; accepted: in \[0, 1\)$"):
+        common.validate(common.parse_config(Extended, ["--tau", "1"]))
 
 
 BAD = [(name, ["--dataset", "foo"]) for name in TRAINING] + [

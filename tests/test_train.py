@@ -216,7 +216,7 @@ def test_schedule_and_weight_decay_mask():
         zeros = jax.tree.map(jnp.zeros_like, params)
         _, state = tx.update(zeros, run.opt_state, params)  # count 0: schedule 0
         upd, _ = tx.update(zeros, state, params)  # zero gradient: the update is the decay term only
-        wd = common.SETUPS[setup]["weight_decay"]
+        wd = common.SETUPS[setup].weight_decay
         ratio = np.asarray(upd.fc.weight / params.fc.weight).ravel()
         np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
         assert ratio[0] == pytest.approx(wd * (1 + 0.9 + 0.81 if setup == "cifar10" else 1.9) * 0.05, rel=1e-4)
