@@ -32,14 +32,12 @@ import statistics
 import tempfile
 import time
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import common
 
-METHODS = ("sgd", "gp_p1", "gp_p2", "sam", "usam", "weight_noise", "hessian_trace", "gn_trace", "probe")
+METHODS = (*common.RULES, "probe")  # every update rule in the registry, and the curvature probe
 COLUMNS = ("platform", "model", "dtype", "method", "step_ms", "images_per_s", "ratio_to_sgd", "compile_s",
            "peak_mem_mb")
 
@@ -71,25 +69,22 @@ def time_rule(model_name, batch, size, dtype, method, cfg):
     method "probe" of the curvature probe (8 trace samples per estimator, 20 Lanczos steps) on a batch
     of the same size; with cfg.analyze the function is compiled, not run (median None)."""
     classes = 1000 if size > 64 else 10
-    rule = "sgd" if method == "probe" else method
-    setup = common.for_dataset("imagenet" if size > 64 else "cifar10", model=model_name, batch_size=batch,
-                               method=rule, dtype=dtype, rho=0.05, sigma2=1e-4, lr=0.01, activation="gelu")
-    net = common.NetSpec(model_name, "gelu", classes, 3)
-    spec = common.StepSpec(net, rule, dtype, size <= 64, (120.0,) * 3, (60.0,) * 3, setup.nesterov,
-                           setup.decay_norm_and_bias, 100, 10_000)
-    model, bn = common.make_model(model_name, classes, common.activation("gelu"), jax.random.key(0))
-    params = eqx.filter(model, eqx.is_inexact_array)
-    hp = common.Hyper.of(setup)
-    mesh = common.data_mesh()
-    rep = jax.sharding.NamedSharding(mesh, jax.P())
+    # The engine's own run on one synthetic batch in memory: one step per epoch, so 10,000 steps with
+    # 100 of warm-up, the schedule of a long run.
+    train = common.for_dataset("imagenet" if size > 64 else "cifar10", model=model_name, batch_size=batch,
+                               method="sgd" if method == "probe" else method, dtype=dtype, rho=0.05, sigma2=1e-4,
+                               lr=0.01, activation="gelu", epochs=10_000, warmup_epochs=100)
     rng = np.random.default_rng(0)
-    x, y = common._global(mesh, rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-                          rng.integers(0, classes, batch).astype(np.int32))
-    state = jax.device_put((params, common.make_optimizer(spec, hp)[0].init(params), bn), rep)
-    hp = jax.device_put(hp, rep)
+    x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    y = rng.integers(0, classes, batch).astype(np.int32)
+    data = common.InMemory(common.DatasetSpec(classes, (size, size, 3), (120.0,) * 3, (60.0,) * 3), x, y, x, y)
+    run = common.setup(train, 0, data)
+    spec, state, hp = run.spec, (run.params, run.opt_state, run.bn_state), run.hp
+    x, y = jax.device_put((x, y), jax.sharding.NamedSharding(run.mesh, jax.P("data")))
     key = jax.random.key(1)
     if method == "probe":
-        lower = lambda: common.probe_step.lower(net, spec.mean, spec.std, state[0], state[2], hp.beta, x, y, key)
+        lower = lambda: common.probe_step.lower(spec.net, spec.mean, spec.std, state[0], state[2], hp.beta, x, y,
+                                                key)
         call = lambda compiled, state, i: (state, compiled(state[0], state[2], hp.beta, x, y, key))
     else:
         lower = lambda: common.train_step.lower(spec, *state, x, y, key, hp)
