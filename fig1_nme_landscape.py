@@ -23,16 +23,8 @@ Writes <out>/fig1_nme_landscape.csv (columns setup, w1, w2, activation, beta, lo
 nme_all; one block of grid points per activation, appended as it finishes; rerunning skips the
 activations already there, and a grid of another setup is refused), .png (one row per activation:
 loss, ‖NME‖ of the (w1, w2) block, ‖NME‖_F over all parameters) and .config.json. <out> defaults
-to runs/fig1_nme_landscape/; the committed results are in results/ (--out results).
-
-Measured (2 CPU cores; 101x101 grid): 20 s. The (w1, w2) block of the NME, max over the grid, and
-the share of the grid where it exceeds 10% of that max:
-    relu          max 3.2e-17 (rounding: identically 0)
-    β-GELU β=1    max 0.19, above 10% of max on 82% of the grid
-    β-GELU β=4    max 0.56, on 44%
-    β-GELU β=16   max 1.56, on 18%: ridges ~1/β wide along the region boundaries
-as in the paper's Figure 1. Over all parameters the picture inverts: ‖NME‖_F median relu 5.3,
-β-GELU β = 1 4.1: the cross-layer terms dominate.
+to runs/fig1_nme_landscape/; the committed results are in results/ (--out results), and what they
+show in README, "Results at CPU scale", Fig. 1.
 """
 
 import dataclasses
@@ -47,17 +39,16 @@ from jax.flatten_util import ravel_pytree
 import common
 
 NAME = os.path.splitext(os.path.basename(__file__))[0]
-USES_BETA = ("beta_gelu", "relu_aug")  # the others are drawn once, with beta = nan in the CSV
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     activations: tuple[str, ...] = ("relu", "beta_gelu")
-    betas: tuple[float, ...] = (1.0, 4.0, 16.0)  # of every activation in USES_BETA
-    grid: int = 101  # points per axis
-    extent: float = 3.0  # the two weights range over [-extent, extent]
-    in_dim: int = 3
-    width: int = 8  # of both hidden layers
+    betas: tuple[float, ...] = (1.0, 4.0, 16.0)  # of every activation that uses β; the others: beta nan
+    grid: int = common.setting(101, common.at_least(2), help="points per axis")
+    extent: float = common.setting(3.0, common.above(0), help="the two weights range over [-extent, extent]")
+    in_dim: int = common.setting(3, common.at_least(2))
+    width: int = common.setting(8, common.at_least(2), help="of both hidden layers")
     target: float = 1.0  # y of the one data point
     seed: int = 0  # of the data point and of every parameter held fixed
     out: str | None = None  # None: runs/fig1_nme_landscape/ beside the script
@@ -78,7 +69,7 @@ def init(cfg: Config) -> tuple[dict, jax.Array]:
 def run_one(cfg: Config, act_name: str, beta: float) -> list[dict]:
     """The grid of (w1, w2, loss, ‖NME‖_F) for one activation: its CSV rows."""
     with jax.enable_x64(True):
-        act = common.activation(act_name, beta if act_name in USES_BETA else 1.0)
+        act = common.activation(act_name, beta if uses_beta(act_name) else 1.0)
         params, x = jax.tree.map(lambda a: a.astype(jnp.float64), init(cfg))
         theta0, unravel = ravel_pytree(params)
         marker = jax.tree.map(jnp.zeros_like, params)
@@ -103,10 +94,14 @@ def run_one(cfg: Config, act_name: str, beta: float) -> list[dict]:
         axis = np.linspace(-cfg.extent, cfg.extent, 11 if cfg.smoke else cfg.grid)
         w1, w2 = (a.ravel() for a in np.meshgrid(axis, axis, indexing="xy"))
         losses, blocks, norms = jax.lax.map(jax.jit(point), jnp.stack([w1, w2], 1), batch_size=256)
-    b = beta if act_name in USES_BETA else math.nan
+    b = beta if uses_beta(act_name) else math.nan
     return [{"setup": setup(cfg), "w1": f"{a:.6g}", "w2": f"{c:.6g}", "activation": act_name, "beta": b,
              "loss": f"{lo:.6g}", "nme_block": f"{nb:.6g}", "nme_all": f"{n:.6g}"}
             for a, c, lo, nb, n in zip(w1, w2, np.asarray(losses), np.asarray(blocks), np.asarray(norms))]
+
+
+def uses_beta(act_name: str) -> bool:
+    return common.ACTIVATIONS[act_name].uses_beta
 
 
 def setup(cfg: Config) -> str:
@@ -149,18 +144,17 @@ def plot(rows: list[dict], png_path) -> None:
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__)
-    if cfg.grid < 2 or not cfg.extent > 0 or cfg.in_dim < 2 or cfg.width < 2:
-        raise common.ConfigError("need --grid >= 2, --extent > 0, --in-dim >= 2 and --width >= 2")
+    common.validate(cfg)
+    for a in cfg.activations:
+        common.activation(a)  # bad names and β fail before any work
     betas = tuple(dict.fromkeys((cfg.betas[0], cfg.betas[-1]))) if cfg.smoke else cfg.betas
-    panels = [(a, b) for a in cfg.activations for b in (betas if a in USES_BETA else (math.nan,))]
+    panels = [(a, b) for a in cfg.activations for b in (betas if uses_beta(a) else (math.nan,))]
     for a, b in panels:
-        common.activation(a, b if a in USES_BETA else 1.0)  # bad names or β fail before any work
+        common.activation(a, b if uses_beta(a) else 1.0)
     out = common.output_dir(cfg.out, common.default_out(__file__))
     csv_path, png_path = out / f"{NAME}.csv", out / f"{NAME}.png"
     if not cfg.plot_only:
-        old = {r.get("setup", "unrecorded") for r in common.read_rows(csv_path)}
-        if old - {setup(cfg)}:
-            raise common.ConfigError(f"--out: {csv_path} holds another grid ({old.pop()}); pass another --out")
+        common.check_setup(csv_path, [{"setup": setup(cfg)}], fields=("setup",))
         common.write_config(out, NAME, cfg)
         done = {common.row_key(r, ("activation", "beta")) for r in common.read_rows(csv_path)}
         for a, b in panels:

@@ -152,3 +152,16 @@ def test_bad_name_and_beta():
         activation("swish")
     with pytest.raises(ConfigError, match="--beta"):
         activation("beta_gelu", 0.0)
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_uses_beta_says_whether_beta_changes_the_function(name):
+    """The registry's uses_beta (fig1 draws one panel per β for exactly these): f, f′ or f″ depends on β."""
+    x = jnp.asarray(GRID, jnp.float64)
+
+    def derivatives(beta):
+        f = activation(name, beta)
+        return f(x), jax.vmap(jax.grad(f))(x), jax.vmap(jax.grad(jax.grad(f)))(x)
+
+    changed = any(not np.allclose(a, b) for a, b in zip(derivatives(1.0), derivatives(4.0)))
+    assert changed == ACTIVATIONS[name].uses_beta
