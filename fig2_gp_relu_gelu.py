@@ -10,21 +10,7 @@ is the NME: ReLU's second derivative is zero.
     uv run fig2_gp_relu_gelu.py --plot-only     # redraw the PNG and verdicts from the CSV
 
 Writes <out>/fig2_gp_relu_gelu.{csv,png,verdict.csv,config.json}: README, "Outputs".
-
-CPU-regime result (results/, `--out results`; mlp256 on 1,024 Fashion-MNIST images with 30% label
-noise, 50 epochs, 8 seeds; 291 s on 2 CPU cores). The ρ = 0 baselines memorise the noisy labels
-(train accuracy 1.000). Mean test accuracy:
-
-    ρ        0       0.03    0.1     0.3     1       3
-    relu     0.6259  0.6320  0.6486  0.7087  0.7476  0.6687
-    gelu     0.6150  0.6232  0.6403  0.7040  0.7468  0.6796
-
-Paired by seed, gain(gelu, ρ) − gain(relu, ρ) = +0.21 pt [−0.10, +0.52] at ρ = 0.03 and +0.26
-[−0.11, +0.63] at 0.1 (inconclusive), +0.62 [+0.21, +1.03] at 0.3, +1.01 [+0.45, +1.56] at 1 and
-+2.18 [+0.76, +3.61] at 3 (reproduced, also at n − 2). The penalty helps both activations up to
-ρ = 1 (+12 pt against memorisation) and hurts beyond it; GELU gains more than ReLU at every ρ, by
-a margin that grows with ρ. ReLU does not degrade as in the paper: in this regime any strong
-regulariser helps.
+Its results in the CPU regime (`--out results`) and their verdicts: README, "Results at CPU scale".
 """
 
 import dataclasses

@@ -10,19 +10,7 @@ penalty's H g, while SGD never sees it.
     uv run fig3_beta_gelu.py --plot-only        # redraw the PNG and verdicts from the CSV
 
 Writes <out>/fig3_beta_gelu.{csv,png,verdict.csv,config.json}: README, "Outputs".
-
-CPU-regime result (results/, `--out results`; mlp256 on 1,024 Fashion-MNIST images with 30% label
-noise, 50 epochs, 8 seeds; 235 s on 2 CPU cores). Mean test accuracy:
-
-    β        1       2       4       8       16      32
-    sgd      0.6150  0.6280  0.6304  0.6285  0.6266  0.6261
-    gp_p1    0.6403  0.6459  0.6505  0.6518  0.6498  0.6496
-
-G(β) = a(gp, β) − a(sgd, β), paired by seed: G(1) − G(2) = +0.74 pt [+0.56, +0.91] (reproduced, n = 8,
-and at n − 2); G(1) − G(4) = +0.51 [+0.11, +0.92] but [−0.05, +1.09] at n − 2: inconclusive; G(1) −
-G(β) for β = 8, 16, 32 is +0.2 pt with intervals ±0.45-0.55 (inconclusive); the slope of G against
-ln β is +0.04 pt per e-fold [−0.12, +0.20] (inconclusive). The penalty's gain is largest at β = 1,
-where SGD is worst; beyond β = 2 it does not fall measurably with β.
+Its results in the CPU regime (`--out results`) and their verdicts: README, "Results at CPU scale".
 """
 
 import dataclasses

@@ -11,21 +11,7 @@ the penalty's H g sees differs. ReLU and GELU are drawn as references.
     uv run fig4_aug_dim.py --plot-only          # redraw the PNG and verdicts from the CSV
 
 Writes <out>/fig4_aug_dim.{csv,png,verdict.csv,config.json}: README, "Outputs".
-
-CPU-regime result (results/, `--out results`; mlp256 on 1,024 Fashion-MNIST images with 30% label
-noise, 50 epochs, 8 seeds; 312 s on 2 CPU cores). Mean test accuracy:
-
-    ρ           0       0.1     0.3     1
-    relu        0.6259  0.6486  0.7087  0.7476
-    relu_aug    0.6248  0.6492  0.7117  0.7460
-    gelu        0.6150  0.6403  0.7040  0.7468
-    gelu_dim    0.6150  0.6371  0.7012  0.7476
-
-Paired by seed: gain(relu_aug) − gain(relu) = +0.17 pt [−0.17, +0.52] at ρ = 0.1 (inconclusive) and
-+0.41 [+0.19, +0.62] at ρ = 0.3 (reproduced, also at n − 2); gain(gelu_dim) − gain(gelu) = −0.32
-[−0.49, −0.14] at ρ = 0.1 (reproduced, also at n − 2) and −0.28 [−0.59, +0.03] at ρ = 0.3
-(inconclusive). At ρ = 1 both contrasts vanish (−0.06, +0.07; inconclusive). Adding φ″ to ReLU
-helps the penalty and removing it from GELU hurts it, by a few tenths of a point at moderate ρ.
+Its results in the CPU regime (`--out results`) and their verdicts: README, "Results at CPU scale".
 """
 
 import dataclasses

@@ -11,24 +11,7 @@ derivative hides from the exact Hessian product.
     uv run fig6_sam_vs_psam.py --plot-only      # redraw the PNG and verdicts from the CSV
 
 Writes <out>/fig6_sam_vs_psam.{csv,png,verdict.csv,config.json}: README, "Outputs".
-
-CPU-regime result (results/, `--out results`; mlp256 on 1,024 Fashion-MNIST images with 30% label
-noise, 50 epochs, 8 seeds; 352 s on 2 CPU cores). Mean test accuracy:
-
-    ρ             0       0.1     0.3     1
-    relu sam      0.6253  0.6594  0.7289  0.7415
-    relu gp_p1    0.6259  0.6486  0.7087  0.7476
-    gelu sam      0.6150  0.6508  0.7273  0.7353
-    gelu gp_p1    0.6150  0.6403  0.7040  0.7468
-
-Paired by seed: [sam − psam]_relu − [sam − psam]_gelu is +0.04 pt [−0.22, +0.29] at ρ = 0.1, −0.32
-[−0.61, −0.02] at 0.3 (but [−0.71, +0.14] at n − 2) and +0.54 [+0.11, +0.97] at 1 ([−0.11, +0.96] at
-n − 2): inconclusive throughout. SAM's accuracy depends on the activation: a(sam, relu) − a(sam,
-gelu) = +0.86 pt [+0.66, +1.07] at ρ = 0.1, outside ±0.5 (contradicted), but this carries ReLU's
-+1.1 pt baseline advantage in this regime; net of each activation's own baseline, gain(sam, relu)
-− gain(sam, gelu) is −0.16 [−0.63, +0.31] at 0.1 and −0.87 [−1.40, −0.34] at 0.3 (inconclusive at
-n − 2). SAM beats PSAM by about 1 pt for both activations at ρ = 0.1 and 0.3: the finite step helps
-ReLU and GELU alike here.
+Its results in the CPU regime (`--out results`) and their verdicts: README, "Results at CPU scale".
 """
 
 import dataclasses
