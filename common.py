@@ -2282,11 +2282,17 @@ def train_row(cfg: TrainConfig, seed: int, opts: RunOptions) -> dict:
     return {k: r[k] for k in METRICS} | {k: v for k, v in r.items() if k.startswith("probe_")}
 
 
+def pending(path, items: list, identity_of: Callable[[Any], dict], fields=ID_FIELDS) -> list:
+    """The `items` whose row is not yet in the CSV at `path`, a row's identity being its `fields` of
+    identity_of(item): what a rerun has left to do."""
+    done = {row_key(r, fields) for r in read_rows(path)}
+    return [item for item in items if row_key(identity_of(item), fields) not in done]
+
+
 def sweep(path, runs: list[tuple[TrainConfig, int]], opts: RunOptions, run_one=train_row) -> None:
     """Run every (TrainConfig, seed) of `runs` whose row is not yet in the CSV at `path`, appending
     each row as soon as its run finishes (process 0 writes)."""
-    done = {row_key(r) for r in read_rows(path)}
-    todo = [(tc, s) for tc, s in runs if row_key(identity(tc, s)) not in done]
+    todo = pending(path, runs, lambda run: identity(*run))
     swept = varying([tc for tc, _ in runs])
     print(f"{Path(path).stem}: {len(todo)} of {len(runs)} runs to do -> {path}", flush=True)
     for tc, seed in todo:

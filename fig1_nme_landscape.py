@@ -156,10 +156,8 @@ def main(argv=None):
     if not cfg.plot_only:
         common.check_setup(csv_path, [{"setup": setup(cfg)}], fields=("setup",))
         common.write_config(out, NAME, cfg)
-        done = {common.row_key(r, ("activation", "beta")) for r in common.read_rows(csv_path)}
-        for a, b in panels:
-            if common.row_key({"activation": a, "beta": b}, ("activation", "beta")) in done:
-                continue
+        for a, b in common.pending(csv_path, panels, lambda p: {"activation": p[0], "beta": p[1]},
+                                   ("activation", "beta")):
             rows = run_one(cfg, a, b)
             common.append_rows(csv_path, rows)
             print(f"{NAME}: {a} beta={b:g}: {len(rows)} grid points, max ‖NME‖ of the block "
