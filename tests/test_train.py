@@ -315,12 +315,12 @@ def no_reads(monkeypatch):
 
 def test_training_reads_the_device_once_per_step(tmp_path, no_reads, monkeypatch):
     """The loop under a device-to-host transfer guard: its one allowed read per step is the loss
-    (common._read); the logged learning rate is NumPy; the probe callback and the checkpoints read
-    only on their own steps, under their own allowance."""
+    (common._read); the logged learning rate is NumPy; the probe callback reads only on its own
+    steps, under its own allowance (so do checkpoints, but Orbax reads the CPU's buffers directly)."""
     with pytest.raises(RuntimeError, match="Disallowed"):
         float(jnp.ones(()) + 1)  # the guard refuses a read
     cfg = dataclasses.replace(TINY, epochs=0.5, probe_every=3)
-    opts = dataclasses.replace(QUIET, log=True, log_every_s=0.0, ckpt_dir=str(tmp_path), ckpt_every_s=0.0)
+    opts = dataclasses.replace(QUIET, log=True, log_every_s=0.0, ckpt_dir=str(tmp_path))  # saves at the end
     run = common.setup(cfg, 0, DATA, opts)
     reads, probes, real = [], [], common._read
     monkeypatch.setattr(common, "_read", lambda x: reads.append(1) or real(x))
