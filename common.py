@@ -1772,9 +1772,7 @@ class _Watchdog:
                     self._die(f"JAX process {p} of {self.n} stopped (no sign of life for {now - since:.0f} s)")
 
     def _die(self, why):
-        print(f"error: process {self.me}: {why}; stopping. Finished runs are in the CSV: rerun the same "
-              "command on every process to continue", file=sys.stderr, flush=True)
-        os._exit(1)
+        stop_job(why)
 
     def done(self):
         """This process finished: peers stop watching it."""
@@ -1791,6 +1789,15 @@ class _Watchdog:
 
 
 _watchdog: _Watchdog | None = None
+
+
+def stop_job(why: str) -> None:
+    """End this process of a multi-process job at once with one line on stderr (exit 1): skipping the
+    coordination service's shutdown barrier, which would wait for the dead and then abort."""
+    sys.stdout.flush()
+    print(f"error: process {jax.process_index()}: {why}; stopping. Finished runs are in the CSV: rerun the "
+          "same command on every process to continue", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def maybe_init_distributed() -> None:
@@ -2487,12 +2494,18 @@ def parse_config(config_cls, argv=None, doc: str | None = None):
 
 def run_cli(main: Callable[[], None]) -> None:
     """Run a script's main (after jax.distributed.initialize under a multi-process launcher): a
-    ConfigError becomes one line on stderr and exit code 2."""
+    ConfigError becomes one line on stderr and exit code 2; in a multi-process job, a failed
+    collective (another process died: gloo, NCCL or ICI report it) one line and exit code 1."""
     try:
         maybe_init_distributed()
         main()
         if _watchdog:
             _watchdog.done()
+    except jax.errors.JaxRuntimeError as e:
+        if not jax.distributed.is_initialized():
+            raise
+        stop_job(f"a computation failed ({(str(e).splitlines() or [type(e).__name__])[0][:300]}); another "
+                 "process probably died: see its log")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

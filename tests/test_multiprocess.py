@@ -1,0 +1,249 @@
+"""Multi-process runs on one machine: 2 JAX processes × 2 CPU devices, joined by the explicit-coordinator
+launch (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) on a free port, run a tiny Fig. 2
+sweep through the script's own main and are compared with 1 process × 4 devices: the same rows, files
+from process 0 only, disjoint recorded shards of every batch, exact resume after both processes die
+after a checkpoint, and a killed process ends the other with one line.
+
+Each process runs DRIVER: the script's main under run_cli as `__main__` does, with RunOptions fields
+that have no flag (record_batches, ckpt_dir cadence) and test-only faults set from a JSON argument.
+"""
+
+import collections
+import csv
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "fig2_gp_relu_gelu"
+
+DRIVER = """
+import dataclasses, json, os, signal, sys
+import common, fig2_gp_relu_gelu as fig
+extra = json.loads(sys.argv[1])
+common.PEER_TIMEOUT_S = extra.pop("peer_timeout_s", common.PEER_TIMEOUT_S)
+die = extra.pop("die_after_save", None)
+resolve = common.resolve
+common.resolve = lambda *a, **k: (lambda b, o: (b, dataclasses.replace(o, **extra)))(*resolve(*a, **k))
+if die is not None:  # a kill right after the collective save of step `die`, on every process
+    save = common._checkpoint
+    def checkpoint(run):
+        save(run)
+        if run.step == die:
+            os.kill(os.getpid(), signal.SIGKILL)
+    common._checkpoint = checkpoint
+common.run_cli(lambda: fig.main(sys.argv[2:]))
+"""
+
+# A tiny sweep: 2 ρ values, 1 seed, 4 steps per epoch of 64 images (32 per process, 16 per device).
+TINY = ["--model", "mlp16", "--train-subset", "256", "--test-subset", "500", "--batch-size", "64", "--epochs", "2",
+        "--seeds", "1", "--rhos", "0", "0.1", "--activations", "relu", "--out", "out"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """`procs` processes of DRIVER with 4 / procs CPU devices each, process i in folder <root>/p<i>
+    (so a file process 1 writes is seen), logs in <root>/log<i>."""
+
+    def __init__(self, root: Path, argv, procs: int, cache: Path, **opts):
+        port = free_port()
+        flags = [l for l in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in l]
+        env = os.environ | {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags),
+                            "JAX_NUM_CPU_DEVICES": str(4 // procs)}
+        self.root, self.procs, self.started = root, [], time.monotonic()
+        for i in range(procs):
+            cwd = root / f"p{i}"
+            cwd.mkdir(parents=True, exist_ok=True)
+            launch = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(procs),
+                      "JAX_PROCESS_ID": str(i)} if procs > 1 else {}
+            with open(root / f"log{i}", "w") as log:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-c", DRIVER, json.dumps(opts), *argv, "--compile-cache", str(cache)],
+                    cwd=cwd, env=env | launch, stdout=log, stderr=subprocess.STDOUT))
+
+    def wait(self, timeout=240.0) -> list[int]:
+        try:
+            return [p.wait(max(1.0, timeout - (time.monotonic() - self.started))) for p in self.procs]
+        finally:
+            self.kill()
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def log(self, i) -> str:
+        return (self.root / f"log{i}").read_text()
+
+    def rows(self) -> list[dict]:
+        with open(self.root / "p0" / "out" / f"{NAME}.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One compile cache for the module's jobs: a rerun compiles nothing."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+def _same_rows(a: list[dict], b: list[dict]):
+    key = lambda r: r["rho"]  # noqa: E731
+    assert sorted(map(key, a)) == sorted(map(key, b)) and len(a) == 2
+    for r, s in zip(sorted(a, key=key), sorted(b, key=key)):
+        for c in ("test_accuracy", "train_accuracy", "steps", "diverged"):
+            assert r[c] == s[c], (c, r, s)
+        # Losses: means of float32 losses whose all-reduce runs in another order (gloo across processes,
+        # XLA within one): equal to float32 rounding over a few dozen steps.
+        for c in ("test_loss", "train_loss"):
+            assert float(r[c]) == pytest.approx(float(s[c]), rel=1e-5), (c, r, s)
+
+
+def _batches(folder: Path) -> dict:
+    """{(run, process): {step: [example digests]}} from RunOptions.record_batches files."""
+    out = {}
+    for f in folder.glob("*.txt"):
+        run, proc = f.stem.split(".")
+        out[run, int(proc)] = {int(l.split()[0]): l.split()[1:] for l in f.read_text().splitlines()}
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, cache):
+    """2 processes × 2 devices against 1 × 4: the same rows (test accuracy to the last digit); process 0
+    alone writes CSV, PNG, verdicts and config; each process loaded a disjoint half of every global
+    batch, as recorded by each process."""
+    two = Job(tmp_path / "two", TINY, 2, cache, record_batches=str(tmp_path / "rec2"))
+    one = Job(tmp_path / "one", TINY, 1, cache, record_batches=str(tmp_path / "rec1"))
+    assert two.wait() == [0, 0], two.log(0)[-3000:] + two.log(1)[-3000:]
+    assert one.wait() == [0], one.log(0)[-3000:]
+    _same_rows(two.rows(), one.rows())
+    files = {f"{NAME}.{x}" for x in ("csv", "png", "verdict.csv", "config.json")}
+    assert {p.name for p in (tmp_path / "two" / "p0" / "out").iterdir()} == files
+    assert list((tmp_path / "two" / "p1").rglob("*")) == []  # process 1 wrote nothing, not even a folder
+    assert json.loads((tmp_path / "two" / "p0" / "out" / f"{NAME}.config.json").read_text())["calls"][0]["devices"] == 4
+
+    shards, whole = _batches(tmp_path / "rec2"), _batches(tmp_path / "rec1")
+    runs = {r for r, _ in whole}
+    assert len(runs) == 2 and set(shards) == {(r, p) for r in runs for p in (0, 1)}
+    for run in runs:
+        assert sorted(whole[run, 0]) == list(range(8))
+        for step, batch in whole[run, 0].items():
+            a, b = (collections.Counter(shards[run, p][step]) for p in (0, 1))
+            assert sum(a.values()) == sum(b.values()) == 32 and not a & b, (run, step)
+            assert a + b == collections.Counter(batch), (run, step)
+
+
+LONG = ["--model", "mlp16", "--train-subset", "128", "--test-subset", "500", "--batch-size", "16", "--epochs", "16",
+        "--seeds", "1", "--rhos", "0.1", "--activations", "relu", "--out", "out"]  # 128 steps
+
+
+@pytest.mark.slow
+def test_killed_after_a_checkpoint_the_rerun_is_exact(tmp_path, cache):
+    """Both processes die right after Orbax's collective save at step 100 (the save decision is process
+    0's, broadcast every 100 steps); the same command resumes there and ends with the row of an
+    uninterrupted run."""
+    ckpt = str(tmp_path / "ckpt")
+    ref = Job(tmp_path / "ref", LONG, 2, cache)
+    killed = Job(tmp_path / "run", LONG + ["--ckpt-dir", ckpt], 2, cache, ckpt_every_s=0.0, die_after_save=100)
+    assert killed.wait() == [-signal.SIGKILL] * 2, killed.log(0)[-3000:] + killed.log(1)[-3000:]
+    assert not (tmp_path / "run" / "p0" / "out" / f"{NAME}.csv").exists()
+    (saved,) = Path(ckpt).iterdir()
+    assert [p.name for p in saved.iterdir() if p.name.isdigit()] == ["100"]
+    again = Job(tmp_path / "run", LONG + ["--ckpt-dir", ckpt], 2, cache, ckpt_every_s=1e9)
+    assert again.wait() == [0, 0], again.log(0)[-3000:] + again.log(1)[-3000:]
+    assert ref.wait() == [0, 0], ref.log(0)[-3000:]
+    (got,), (want,) = again.rows(), ref.rows()
+    assert got["steps"] == want["steps"] == "128"
+    for c in ("test_accuracy", "train_accuracy", "test_loss", "train_loss"):
+        assert got[c] == want[c], (c, got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_process_ends_the_other_with_one_line(tmp_path, cache, victim):
+    """SIGKILL one process mid-run (process 1, or process 0 which hosts the coordinator): the other exits
+    non-zero within 2 minutes, its last output one line naming what happened, no traceback."""
+    rec = tmp_path / "rec"
+    argv = [("1000" if a == "16" and f == "--epochs" else a) for f, a in zip([""] + LONG, LONG)]
+    job = Job(tmp_path, argv, 2, cache, record_batches=str(rec), peer_timeout_s=10.0)
+    try:
+        while not any(len(f.read_text().splitlines()) > 20 for f in rec.glob("*.txt")):
+            assert all(p.poll() is None for p in job.procs) and time.monotonic() - job.started < 180, job.log(0)
+            time.sleep(0.5)
+        job.procs[victim].kill()
+        t0 = time.monotonic()
+        other = 1 - victim
+        rc = job.procs[other].wait(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        job.kill()
+    out = job.log(other)
+    last = out.strip().splitlines()[-1]
+    assert rc not in (0, None) and took < 120, (rc, took)
+    assert "Traceback" not in out and "Check failure" not in out, out[-3000:]
+    want = "another process probably died|JAX process 1 of 2 stopped|lost the JAX coordinator"
+    assert re.match(rf"error: process {other}: .*({want})", last), last
+    print(f"process {other} ended {took:.0f} s after the kill: {last}")
+
+
+AGREE = """
+import json, numpy as np, jax, common
+common.maybe_init_distributed()
+i, n = jax.process_index(), jax.process_count()
+ask = lambda step, due: (n == 1 or step % 100 == 0) and common._agree(common.save_due(step, 400.0 if due else 1.0, 300.0, n))
+print(json.dumps([n, ask(100, i == 1), ask(200, i == 0), ask(300, True), ask(7, True),
+                  common._broadcast(np.array([i, 1 - i], np.int32)).tolist()]))
+"""
+
+
+@pytest.mark.slow
+def test_save_decision_is_the_same_on_every_process(tmp_path):
+    """Two processes whose clocks disagree on whether a checkpoint is due both follow process 0; steps
+    that are not multiples of 100 never ask."""
+    port = free_port()
+    flags = [l for l in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in l]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags),
+                        "JAX_NUM_CPU_DEVICES": "2", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                        "JAX_NUM_PROCESSES": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE], env=env | {"JAX_PROCESS_ID": str(i)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    got = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert got == [[2, False, True, True, False, [0, 1]]] * 2
+
+
+@pytest.mark.parametrize("env,flag", [
+    ({"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID: unset"),
+    ({"JAX_COORDINATOR_ADDRESS": "localhost", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+     "JAX_COORDINATOR_ADDRESS='localhost'"),
+    ({"JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+     "JAX_NUM_PROCESSES='two'"),
+    ({"JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     r"JAX_PROCESS_ID='2': expected an integer in 0\.\.1"),
+])
+def test_bad_launch_variables_are_one_line(env, flag, monkeypatch, capsys):
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(lambda: pytest.fail("main ran"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and re.match(f"error: {flag}", err), err
