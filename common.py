@@ -1917,11 +1917,14 @@ def _restore(ckpt, tree, identity):
     return step, treedef.unflatten([got.leaves[str(i)] for i in range(len(leaves))]), extra
 
 
+ASK_EVERY = 100  # steps between save decisions of a multi-process run (each one a broadcast)
+
+
 def save_due(step: int, seconds_since_save: float, every_s: float, processes: int) -> bool:
     """Whether to checkpoint after `step`, from this process's clock. With several processes it is
-    asked only every 100 steps and process 0's answer is broadcast (`_agree`), so every process
+    asked only every ASK_EVERY steps and process 0's answer is broadcast (`_agree`), so every process
     reaches Orbax's collective save at the same step."""
-    if processes > 1 and step % 100:
+    if processes > 1 and step % ASK_EVERY:
         return False
     return seconds_since_save > every_s
 
@@ -2069,7 +2072,7 @@ def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run
             with allow():
                 callback(run)
         procs = jax.process_count()
-        if run.ckpt and (procs == 1 or run.step % 100 == 0) and _agree(
+        if run.ckpt and (procs == 1 or run.step % ASK_EVERY == 0) and _agree(
                 save_due(run.step, time.perf_counter() - last_save, opts.ckpt_every_s, procs)):
             record(pending)
             pending = None
@@ -2117,7 +2120,8 @@ class Prober:
     def __init__(self, run: Run, data, path):
         n = jax.device_count()
         size = min(-(-PROBE_BATCH // n) * n, data.n_train // n * n)
-        self.x, self.y = _global(run.mesh, *data.probe_batch(size))
+        i, share = jax.process_index(), size // jax.process_count()  # this process's rows of the batch
+        self.x, self.y = _global(run.mesh, *(a[i * share:(i + 1) * share] for a in data.probe_batch(size)))
         self.net, self.spec, self.path, self.last = run.spec.net, data.spec, path, {}
         self.key = jax.random.fold_in(jax.random.key(run.seed), 1 << 30)  # apart from the step keys
         rows = read_rows(path)
