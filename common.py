@@ -8,6 +8,7 @@ MATH.md defines every quantity and the three corrections to the paper; equation 
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import dataclasses
 import functools
@@ -24,6 +25,7 @@ import re
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import typing
 import urllib.request
@@ -1581,6 +1583,8 @@ class RunOptions:
     log_every_s: float = setting(30.0, at_least(0), help="without a terminal: at most one epoch line per this "
                                  "many seconds")
     curves: str | None = setting(None, flag=False, help="CSV the curvature probe appends to (cfg.probe_every > 0)")
+    record_batches: str | None = setting(None, flag=False, help="debug: folder where each process logs the "
+                                         "examples it loads per step")
 
 
 def for_dataset(dataset: str, **overrides) -> TrainConfig:
@@ -1736,14 +1740,119 @@ def _global(mesh, *local):
     return [jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in local]
 
 
+# The coordination service's clocks (jax.distributed.initialize). A process silent for
+# heartbeat_timeout_seconds is declared dead and JAX aborts every other one (a C++ check failure with
+# a stack trace); _Watchdog sees it first and ends each survivor with one line. A finishing process
+# waits up to shutdown_timeout_seconds for the others at exit; joining waits up to
+# initialization_timeout for all of them to start (a large job's stragglers).
+DIST_TIMEOUTS = dict(initialization_timeout=600, heartbeat_timeout_seconds=60, shutdown_timeout_seconds=120)
+PEER_TIMEOUT_S = 30.0  # a peer whose beat (every PEER_BEAT_S) has not changed for this long is dead
+PEER_BEAT_S = 2.0
+_EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def _explicit_launch(env) -> dict:
+    """jax.distributed.initialize's arguments from the three JAX_* variables, or ConfigError."""
+    got = {k: env.get(k, "").strip() for k in _EXPLICIT}
+    if missing := [k for k, v in got.items() if not v]:
+        raise ConfigError(f"{', '.join(missing)}: unset; a local multi-process launch sets all of "
+                          f"{', '.join(_EXPLICIT)} (host:port, N, 0..N-1)")
+    address, n, i = got.values()
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"JAX_COORDINATOR_ADDRESS={address!r}: expected host:port (e.g. localhost:12356)")
+    if not n.isdigit() or int(n) < 1:
+        raise ConfigError(f"JAX_NUM_PROCESSES={n!r}: expected a positive integer")
+    if not i.isdigit() or int(i) >= int(n):
+        raise ConfigError(f"JAX_PROCESS_ID={i!r}: expected an integer in 0..{int(n) - 1} (JAX_NUM_PROCESSES={n})")
+    return dict(coordinator_address=address, num_processes=int(n), process_id=int(i))
+
+
+class _Watchdog:
+    """Ends this process with one line on stderr (exit 1) when another process of the job dies or the
+    coordinator becomes unreachable, instead of leaving it blocked in a collective. Each process
+    bumps a counter in the coordination service's key-value store every PEER_BEAT_S and watches the
+    others' (compared with its own clock, never theirs); `done` marks a process that finished."""
+
+    def __init__(self, client, me: int, n: int):
+        self.client, self.me, self.n = client, me, n
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="peer-watchdog", daemon=True)
+        self.thread.start()
+        atexit.register(self.close)  # before JAX's client shuts down, so no beat meets a closed service
+
+    def _loop(self):
+        now = time.monotonic()
+        seen = {p: (None, now) for p in range(self.n) if p != self.me}
+        beat = 0
+        while not self.stop.wait(PEER_BEAT_S):
+            try:
+                beat += 1
+                self.client.key_value_set(f"nh_alive/{self.me}", str(beat), allow_overwrite=True)
+                got = dict(self.client.key_value_dir_get("nh_alive/"))
+            except Exception as e:  # noqa: BLE001 (any failure of the service is fatal to the job)
+                if not self.stop.is_set():
+                    self._die(f"lost the JAX coordinator ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+                return
+            now = time.monotonic()
+            for p, (last, since) in list(seen.items()):
+                value = got.get(f"nh_alive/{p}")
+                if value == "done":
+                    del seen[p]
+                elif value != last:
+                    seen[p] = (value, now)
+                elif now - since > PEER_TIMEOUT_S:
+                    self._die(f"JAX process {p} of {self.n} stopped (no sign of life for {now - since:.0f} s)")
+
+    def _die(self, why):
+        stop_job(why)
+
+    def done(self):
+        """This process finished: peers stop watching it."""
+        self.close()
+        try:
+            self.client.key_value_set(f"nh_alive/{self.me}", "done", allow_overwrite=True)
+        except Exception:  # noqa: BLE001 (the others are finishing too)
+            pass
+
+    def close(self):
+        self.stop.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+
+
+_watchdog: _Watchdog | None = None
+
+
+def stop_job(why: str) -> None:
+    """End this process of a multi-process job at once with one line on stderr (exit 1): skipping the
+    coordination service's shutdown barrier, which would wait for the dead and then abort."""
+    sys.stdout.flush()
+    print(f"error: process {jax.process_index()}: {why}; stopping. Finished runs are in the CSV: rerun the "
+          "same command on every process to continue", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def maybe_init_distributed() -> None:
-    """jax.distributed.initialize() when launched by a multi-process launcher (SLURM, Open MPI,
-    a TPU pod or an explicit coordinator); nothing changes on one host."""
+    """jax.distributed.initialize() when launched as several processes: explicitly (JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID), or by SLURM, Open MPI or a TPU pod (detected by JAX); nothing
+    changes on one host. With DIST_TIMEOUTS and a _Watchdog; bad launch variables are a ConfigError."""
+    global _watchdog
     env = os.environ
-    multi = (env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1
-             or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if any(env.get(k) for k in _EXPLICIT):
+        where = _explicit_launch(env)
+    elif (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", "")):
+        where = {}
+    else:
+        return
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(**where, **DIST_TIMEOUTS)
+    from jax._src import distributed  # its client: the one handle on the key-value store
+
+    if jax.process_count() > 1 and (client := getattr(distributed.global_state, "client", None)):
+        _watchdog = _Watchdog(client, jax.process_index(), jax.process_count())
 
 
 def padded_eval_batch(eval_batch_size: int) -> int:
@@ -1841,22 +1950,31 @@ def _restore(ckpt, tree, identity):
     return step, treedef.unflatten([got.leaves[str(i)] for i in range(len(leaves))]), extra
 
 
+ASK_EVERY = 100  # steps between save decisions of a multi-process run (each one a broadcast)
+
+
 def save_due(step: int, seconds_since_save: float, every_s: float, processes: int) -> bool:
     """Whether to checkpoint after `step`, from this process's clock. With several processes it is
-    asked only every 100 steps and process 0's answer is broadcast (`_agree`), so every process
+    asked only every ASK_EVERY steps and process 0's answer is broadcast (`_agree`), so every process
     reaches Orbax's collective save at the same step."""
-    if processes > 1 and step % 100:
+    if processes > 1 and step % ASK_EVERY:
         return False
     return seconds_since_save > every_s
 
 
 def _agree(flag: bool) -> bool:
     """Process 0's flag on every process."""
+    return bool(_broadcast(np.int32(flag)))
+
+
+def _broadcast(a: np.ndarray) -> np.ndarray:
+    """Process 0's array on every process (a collective: every process must call it)."""
     if jax.process_count() == 1:
-        return flag
+        return np.asarray(a)
     from jax.experimental import multihost_utils
 
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+    with jax.transfer_guard_device_to_host("allow"):  # a decision, read on its own steps only
+        return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(a)))
 
 
 @dataclasses.dataclass
@@ -1922,25 +2040,57 @@ def _checkpoint(run: Run) -> None:
           {"diverged": run.diverged, "losses": run.losses, "identity": run.identity})
 
 
+def _unit_lr(spec: StepSpec, steps: np.ndarray) -> np.ndarray:
+    """make_optimizer's schedule in NumPy (optax's warmup_cosine_decay_schedule from 0 to 1 and back
+    to 0), so logging a learning rate costs no device computation and no read."""
+    warm, decay = spec.warmup_steps, max(spec.total_steps, spec.warmup_steps + 1)
+    steps = np.asarray(steps, np.float64)
+    rise = steps / warm if warm else np.ones_like(steps)
+    fall = 0.5 * (1 + np.cos(np.pi * np.clip(steps - warm, 0, decay - warm) / (decay - warm)))
+    return np.where(steps < warm, rise, fall)
+
+
+def _read(x) -> float:
+    """The training loop's one device-to-host read per step (a step's loss), allowed explicitly so
+    that a loop run under jax.transfer_guard_device_to_host("disallow") proves there is no other."""
+    with jax.transfer_guard_device_to_host("allow"):
+        return float(x)
+
+
+def _examples(x, y) -> str:
+    """Short digests of a batch's examples (image and label), for RunOptions.record_batches."""
+    return " ".join(hashlib.sha1(a.tobytes() + b.tobytes()).hexdigest()[:12] for a, b in zip(x, y))
+
+
 def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run], None] | None = None) -> Run:
     """Train `run` to its last step (or until its loss is not finite: `run.diverged`). With
-    cfg.probe_every = N > 0, callback(run) is called after every N-th step and after the last one."""
+    cfg.probe_every = N > 0, callback(run) is called after every N-th step and after the last one.
+    Each step reads one number from the device (the previous step's loss, `_read`); the callback,
+    checkpoints and the multi-process save decision read on their own steps only."""
     every = run.cfg.probe_every if callback else 0
-    _, schedule = make_optimizer(run.spec, run.hp)
+    lr = functools.partial(_unit_lr, run.spec)
     batches = data.train(run.cfg.batch_size, seed=run.seed, start_step=run.step)
     log = _Log(run.total, run.steps_per_epoch, opts.log, opts.log_every_s)
+    trace = None
+    if opts.record_batches:
+        os.makedirs(opts.record_batches, exist_ok=True)
+        trace = open(os.path.join(opts.record_batches, f"{run_id(run.cfg, run.seed)}.{jax.process_index()}.txt"), "a")
 
     def record(pending):
         step, metrics = pending
-        loss = float(metrics["loss"])
+        loss = _read(metrics["loss"])
         if step >= run.total - run.steps_per_epoch:
             run.losses.append(loss)
         run.diverged = run.diverged or not math.isfinite(loss)
         return loss
 
+    allow = functools.partial(jax.transfer_guard_device_to_host, "allow")
     pending, images, t_loop, last_save = None, 0, None, time.perf_counter()
     while run.step < run.total and not run.diverged:
-        x, y = _global(run.mesh, *next(batches))
+        local = next(batches)
+        if trace:
+            trace.write(f"{run.step} {_examples(*local)}\n")
+        x, y = _global(run.mesh, *local)
         run.params, run.opt_state, run.bn_state, metrics = train_step(
             run.spec, run.params, run.opt_state, run.bn_state, x, y, jax.random.fold_in(run.key, run.step), run.hp)
         # Read the previous step's metrics, so the host never waits on the step just launched.
@@ -1949,28 +2099,33 @@ def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run
             if t_loop is None:  # throughput from the end of the first (compiling) step
                 t_loop, images = time.perf_counter(), 0
             else:
-                log(pending[0], loss, run.cfg.lr * float(schedule(pending[0])), images / (time.perf_counter() - t_loop))
+                log(pending[0], loss, run.cfg.lr * lr(pending[0]), images / (time.perf_counter() - t_loop))
         pending, run.step, images = (run.step, metrics), run.step + 1, images + run.cfg.batch_size
         if every and (run.step % every == 0 or run.step == run.total) and not run.diverged:
-            callback(run)
+            with allow():
+                callback(run)
         procs = jax.process_count()
-        if run.ckpt and (procs == 1 or run.step % 100 == 0) and _agree(
+        if run.ckpt and (procs == 1 or run.step % ASK_EVERY == 0) and _agree(
                 save_due(run.step, time.perf_counter() - last_save, opts.ckpt_every_s, procs)):
             record(pending)
             pending = None
             if not run.diverged:
-                _checkpoint(run)
+                with allow():
+                    _checkpoint(run)
             last_save = time.perf_counter()
+    if trace:
+        trace.close()
     if pending is not None:
         loss = record(pending)
         if t_loop:
-            log(pending[0], loss, run.cfg.lr * float(schedule(pending[0])), images / (time.perf_counter() - t_loop))
+            log(pending[0], loss, run.cfg.lr * lr(pending[0]), images / (time.perf_counter() - t_loop))
     jax.block_until_ready(run.params)
     if t_loop:
         run.images_per_s = images / (time.perf_counter() - t_loop)
     log.close()
     if run.ckpt:
-        _checkpoint(run)
+        with allow():
+            _checkpoint(run)
     return run
 
 
@@ -1998,7 +2153,8 @@ class Prober:
     def __init__(self, run: Run, data, path):
         n = jax.device_count()
         size = min(-(-PROBE_BATCH // n) * n, data.n_train // n * n)
-        self.x, self.y = _global(run.mesh, *data.probe_batch(size))
+        i, share = jax.process_index(), size // jax.process_count()  # this process's rows of the batch
+        self.x, self.y = _global(run.mesh, *(a[i * share:(i + 1) * share] for a in data.probe_batch(size)))
         self.net, self.spec, self.path, self.last = run.spec.net, data.spec, path, {}
         self.key = jax.random.fold_in(jax.random.key(run.seed), 1 << 30)  # apart from the step keys
         rows = read_rows(path)
@@ -2292,13 +2448,20 @@ def pending(path, items: list, identity_of: Callable[[Any], dict], fields=ID_FIE
 def sweep(path, runs: list[tuple[TrainConfig, int]], opts: RunOptions, run_one=train_row) -> None:
     """Run every (TrainConfig, seed) of `runs` whose row is not yet in the CSV at `path`, appending
     each row as soon as its run finishes (process 0 writes)."""
-    todo = pending(path, runs, lambda run: identity(*run))
+    lead = jax.process_index() == 0
+    # Process 0's CSV decides for all: another process may see another file system, and a process
+    # that skipped a run the others train would leave them waiting in its collectives.
+    left = pending(path, runs, lambda run: identity(*run)) if lead else []
+    todo = _broadcast(np.array([run in left for run in runs], np.int32))
+    todo = [r for r, t in zip(runs, todo) if t]
     swept = varying([tc for tc, _ in runs])
-    print(f"{Path(path).stem}: {len(todo)} of {len(runs)} runs to do -> {path}", flush=True)
+    if lead:
+        print(f"{Path(path).stem}: {len(todo)} of {len(runs)} runs to do -> {path}", flush=True)
     for tc, seed in todo:
         row = identity(tc, seed) | run_one(tc, seed, opts)
-        if jax.process_index() == 0:
-            append_rows(path, [row])
+        if not lead:
+            continue
+        append_rows(path, [row])
         what = " ".join(f"{f}={getattr(tc, f)}" for f in swept)
         print(f"  {what} seed {seed}: test acc {row['test_accuracy']:.4f}  train acc {row['train_accuracy']:.4f}"
               f"  {row['wall_s']:.0f}s", flush=True)
@@ -2324,19 +2487,20 @@ def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc
         settings, seeds = smoke_runs(settings), 1
     for tc in dict.fromkeys(settings):
         validate(tc)  # every bad value fails now, not hours into the sweep
-    out = output_dir(flags.out, default_out(script, f"{base.dataset}-{base.model}"))
+    lead = jax.process_index() == 0  # writes every file; the others only train
+    default = default_out(script, f"{base.dataset}-{base.model}")
+    out = output_dir(flags.out, default) if lead else Path(flags.out or default)
     csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"
-    lead = jax.process_index() == 0
     if not flags.plot_only:
-        check_setup(csv_path, settings)
         if lead:
+            check_setup(csv_path, settings)
             write_config(out, name, flags, base)
         runs = [(tc, s) for s in range(flags.first_seed, flags.first_seed + seeds) for tc in settings]
         sweep(csv_path, runs, dataclasses.replace(opts, curves=str(out / f"{name}.curves.csv")))
-    rows = read_rows(csv_path)
-    if not rows:
-        raise ConfigError(f"--out: no results in {csv_path}" + (" to plot" if flags.plot_only else ""))
     if lead:
+        rows = read_rows(csv_path)
+        if not rows:
+            raise ConfigError(f"--out: no results in {csv_path}" + (" to plot" if flags.plot_only else ""))
         verdicts = report_verdicts(rows, claims(flags), out / f"{name}.verdict.csv") if claims else []
         plot(rows, png_path, verdicts)
         print(f"{name}: plotted {png_path}")
@@ -2385,10 +2549,18 @@ def parse_config(config_cls, argv=None, doc: str | None = None):
 
 def run_cli(main: Callable[[], None]) -> None:
     """Run a script's main (after jax.distributed.initialize under a multi-process launcher): a
-    ConfigError becomes one line on stderr and exit code 2."""
+    ConfigError becomes one line on stderr and exit code 2; in a multi-process job, a failed
+    collective (another process died: gloo, NCCL or ICI report it) one line and exit code 1."""
     try:
         maybe_init_distributed()
         main()
+        if _watchdog:
+            _watchdog.done()
+    except jax.errors.JaxRuntimeError as e:
+        if not jax.distributed.is_initialized():
+            raise
+        stop_job(f"a computation failed ({(str(e).splitlines() or [type(e).__name__])[0][:300]}); another "
+                 "process probably died: see its log")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -247,8 +247,9 @@ def test_missing_data_folders(tmp_path, monkeypatch):
         common.train(common.for_dataset("imagenet"), 0)
 
 
-def test_save_decision_is_the_same_on_every_process():
-    """With several processes only every 100th step asks (and process 0's answer is broadcast)."""
+def test_save_is_asked_every_100_steps_with_several_processes():
+    """With several processes only every 100th step asks; process 0's answer is then broadcast
+    (`_agree`, run across two processes in test_multiprocess.py)."""
     assert common.save_due(7, 400.0, 300.0, processes=1)
     assert not common.save_due(7, 400.0, 300.0, processes=2) and common.save_due(200, 400.0, 300.0, processes=2)
     assert not common.save_due(200, 10.0, 300.0, processes=2)
@@ -287,3 +288,51 @@ def test_a_run_on_any_device_count(devices, tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert float(p.stdout.split()[-1]) > 0.9
+
+
+@pytest.fixture
+def no_reads(monkeypatch):
+    """jax.transfer_guard_device_to_host("disallow"), enforced on the CPU too. XLA's CPU client keeps
+    arrays in host memory and never refuses a read, so every read of an Array's value through Python
+    (float, int, bool, print, tolist, item, device_get) is checked against the guard here; NumPy's
+    buffer protocol (np.asarray) bypasses it on the CPU only."""
+    from jax._src import config
+
+    cls = type(jnp.zeros(()))
+
+    def guarded(real):
+        def read(self, *a):
+            if config.transfer_guard_device_to_host.value == "disallow":
+                raise RuntimeError("Disallowed device-to-host read")
+            return real(self, *a)
+        return read
+
+    monkeypatch.setattr(cls, "_value", property(guarded(cls._value.fget)))
+    monkeypatch.setattr(cls, "item", guarded(cls.item))
+    with jax.transfer_guard_device_to_host("disallow"):
+        yield
+
+
+def test_training_reads_the_device_once_per_step(tmp_path, no_reads, monkeypatch):
+    """The loop under a device-to-host transfer guard: its one allowed read per step is the loss
+    (common._read); the logged learning rate is NumPy; the probe callback reads only on its own
+    steps, under its own allowance (so do checkpoints, but Orbax reads the CPU's buffers directly)."""
+    with pytest.raises(RuntimeError, match="Disallowed"):
+        float(jnp.ones(()) + 1)  # the guard refuses a read
+    cfg = dataclasses.replace(TINY, epochs=0.5, probe_every=3)
+    opts = dataclasses.replace(QUIET, log=True, log_every_s=0.0, ckpt_dir=str(tmp_path))  # saves at the end
+    run = common.setup(cfg, 0, DATA, opts)
+    reads, probes, real = [], [], common._read
+    monkeypatch.setattr(common, "_read", lambda x: reads.append(1) or real(x))
+    common.fit(run, DATA, opts, callback=lambda r: probes.append(float(jnp.sum(r.params.fc.weight))))
+    assert run.step == 8 and len(reads) == run.step and len(probes) == 3  # steps 3, 6 and the last
+    assert sorted(int(p.name) for p in next(tmp_path.iterdir()).iterdir() if p.name.isdigit()) == [8]
+
+
+def test_logged_learning_rate_is_the_optimizers_schedule():
+    run = common.setup(dataclasses.replace(TINY, epochs=2), 0, DATA)
+    _, schedule = common.make_optimizer(run.spec, run.hp)
+    steps = np.arange(run.total + 2)
+    assert run.spec.warmup_steps == 8
+    # float32 optax against float64 NumPy: a cosine of an argument rounded to float32, |Δ| ≲ 1e-7
+    np.testing.assert_allclose(common._unit_lr(run.spec, steps), [float(schedule(s)) for s in steps], atol=1e-6)
