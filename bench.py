@@ -67,7 +67,7 @@ class Config:
     plan_dtype: str = "bfloat16"  # the dtype a launch on an accelerator would use (--dtype of the scripts)
     plan_devices: tuple[int, ...] = (1, 8)  # data-parallel devices the global batch is split over (memory)
     mfu: float = 0.4  # model FLOP utilisation assumed for the accelerator-hours
-    compile_budget_s: float = 1800.0  # per compiled step; a step over budget is reported, not costed
+    compile_budget_s: float = 1800.0  # per compiled step; a step over budget is reported, not costed; 0: none
 
 
 def default_configs(platform):
@@ -427,9 +427,9 @@ def read_plan(path) -> dict:
 
 def cost_steps(path, keys, budget_s) -> dict:
     """plan.csv's steps for `keys`, compiling (and appending) those it lacks; a step that ran over an
-    earlier budget is tried again only with a larger one."""
+    earlier budget is tried again only with a larger one. Budget 0: plan.csv as it is."""
     table = read_plan(path)
-    for key in keys:
+    for key in keys if budget_s > 0 else ():
         got = table.get(key)
         if got and (got["gflop"] is not None or got["compile_s"] >= budget_s):
             continue
@@ -453,13 +453,14 @@ def cost_steps(path, keys, budget_s) -> dict:
 def sweep_cost(settings, seeds, table, devices, mfu) -> dict:
     """The cost of one sweep: runs, steps per run, GFLOP per step of each rule, total FLOPs (None if a
     step is missing), accelerator-hours at `mfu`, and the peak GiB per device on each device count."""
-    flop = {tc.method: table[step_key(tc)]["gflop"] for tc in settings}
+    get = lambda key, field: table.get(key, {}).get(field)  # noqa: E731  (None: not compiled)
+    flop = {tc.method: get(step_key(tc), "gflop") for tc in settings}
     total = None
     if all(v is not None for v in flop.values()):
         total = seeds * sum(run_steps(tc) * flop[tc.method] * 1e9 for tc in settings)
     peaks = {}
     for d in devices:
-        mem = [table[step_key(tc, d)]["peak_mem_mb"] for tc in settings]
+        mem = [get(step_key(tc, d), "peak_mem_mb") for tc in settings]
         peaks[d] = None if None in mem else max(mem) * 2**20 / 2**30
     tc = settings[0]
     return dict(model=tc.model, batch=tc.batch_size, image_size=step_key(tc)[2], dtype=tc.dtype,
@@ -478,8 +479,8 @@ def plan(cfg, flags=None) -> list[dict]:
             raise common.ConfigError(f"--plan-datasets: unknown dataset {ds!r}; accepted: {', '.join(N_EXAMPLES)}")
     if not 0 < cfg.mfu <= 1:
         raise common.ConfigError(f"--mfu: {cfg.mfu} is not in (0, 1]")
-    if cfg.compile_budget_s <= 0:
-        raise common.ConfigError(f"--compile-budget-s: {cfg.compile_budget_s} is not > 0")
+    if cfg.compile_budget_s < 0:
+        raise common.ConfigError(f"--compile-budget-s: {cfg.compile_budget_s} is not >= 0")
     sweeps = []
     for script in cfg.plan_scripts:
         for ds in cfg.plan_datasets:
@@ -508,7 +509,7 @@ def print_plan(lines, cfg, path) -> None:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     devs = " / ".join(map(str, cfg.plan_devices))
     print(f"\nCost of the paper setups in {cfg.plan_dtype} at {cfg.mfu:.0%} MFU (XLA's counts of each rule's train step "
-          f"compiled on CPU, from {path}; test-set passes not included; -: over the compile budget)\n")
+          f"compiled on CPU, from {path}; test-set passes not included; -: not compiled within the budget)\n")
     head = ["script", "dataset", "model, batch, image", "runs", "steps/run", "TFLOP/step", "total EFLOP", "H100-h",
             "v5e-h", f"peak GiB/device on {devs} devices", "fits on " + " / ".join(
                 f"{a} ({gib} GiB)" for a, (_, gib) in ACCELERATORS.items())]

@@ -95,6 +95,8 @@ def test_plan_reports_a_step_over_its_compile_budget(bench, tmp_path, monkeypatc
     assert "| - | - | - |" in capsys.readouterr().out  # total, H100-h, v5e-h
     monkeypatch.setattr(bench, "compile_in_child", lambda *a: pytest.fail("retried within the same budget"))
     bench.plan(cfg, TINY_PLAN)
+    (line,) = bench.plan(dataclasses.replace(cfg, plan_scripts=("fig6_sam_vs_psam",), compile_budget_s=0), TINY_PLAN)
+    assert line["gflop_per_step"] == {"sam": None, "gp_p1": None}  # budget 0: plan.csv as it is, sam never compiled
     with pytest.raises(pytest.fail.Exception, match="retried"):
         bench.plan(dataclasses.replace(cfg, compile_budget_s=1.0), TINY_PLAN)
 
@@ -103,6 +105,7 @@ def test_plan_bad_flags_exit_2(bench, capsys):
     import common
 
     for argv, flag in ((["--plan", "--plan-datasets", "mnist"], "--plan-datasets"), (["--plan", "--mfu", "2"], "--mfu"),
+                       (["--plan", "--compile-budget-s", "-1"], "--compile-budget-s"),
                        (["--plan", "--plan-devices", "3"], "--plan-devices")):
         with pytest.raises(SystemExit) as e:
             common.run_cli(lambda: bench.main(argv))
