@@ -334,7 +334,7 @@ def fig2_run(cfg, platform):
 # <out>/plan.csv, keyed by (model, per-device batch, image size, rule, dtype): the table is printed
 # from it, and only missing steps compile.
 
-N_EXAMPLES = {"imagenet": (1_281_167, 50_000), "cifar10": (50_000, 10_000)}  # (train, test) images
+N_TRAIN = {"imagenet": 1_281_167, "cifar10": 50_000}  # training images
 ACCELERATORS = {"H100": (989e12, 80), "TPU v5e": (197e12, 16)}  # dense bf16 FLOP/s, GiB of memory per chip
 PLAN_COLUMNS = ("model", "batch", "image_size", "rule", "dtype", "gflop", "peak_mem_mb", "compile_s", "jax")
 
@@ -365,7 +365,7 @@ def paper_sweep(script, dataset, **flags):
 
 def run_steps(tc) -> int:
     """Optimizer steps of one run, as `common.setup` counts them (an epoch drops its last partial batch)."""
-    n_train = N_EXAMPLES[tc.dataset][0]
+    n_train = N_TRAIN[tc.dataset]
     if tc.train_subset:
         n_train = min(n_train, tc.train_subset)
     return max(1, int(round(tc.epochs * (n_train // tc.batch_size))))
@@ -475,8 +475,8 @@ def plan(cfg, flags=None) -> list[dict]:
     """Print the cost of each --plan-scripts' paper setup on each --plan-datasets (flags: more
     Flags fields for every script, e.g. a smaller model for a test); returns one dict per sweep."""
     for ds in cfg.plan_datasets:
-        if ds not in N_EXAMPLES:
-            raise common.ConfigError(f"--plan-datasets: unknown dataset {ds!r}; accepted: {', '.join(N_EXAMPLES)}")
+        if ds not in N_TRAIN:
+            raise common.ConfigError(f"--plan-datasets: unknown dataset {ds!r}; accepted: {', '.join(N_TRAIN)}")
     if not 0 < cfg.mfu <= 1:
         raise common.ConfigError(f"--mfu: {cfg.mfu} is not in (0, 1]")
     if cfg.compile_budget_s < 0:
