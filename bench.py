@@ -511,8 +511,8 @@ def print_plan(lines, cfg, path) -> None:
     print(f"\nCost of the paper setups in {cfg.plan_dtype} at {cfg.mfu:.0%} MFU (XLA's counts of each rule's train step "
           f"compiled on CPU, from {path}; test-set passes not included; -: not compiled within the budget)\n")
     head = ["script", "dataset", "model, batch, image", "runs", "steps/run", "TFLOP/step", "total EFLOP", "H100-h",
-            "v5e-h", f"peak GiB/device on {devs} devices", "fits on " + " / ".join(
-                f"{a} ({gib} GiB)" for a, (_, gib) in ACCELERATORS.items())]
+            "v5e-h", f"peak GiB/device on {devs} devices", "device counts that fit " + " / ".join(
+                f"{a} {gib} GiB" for a, (_, gib) in ACCELERATORS.items())]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for ln in lines:
