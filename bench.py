@@ -16,12 +16,15 @@ per core.
     uv run bench.py --quick               # 5 steps per rule, a smoke run
     uv run bench.py --analyze             # FLOPs and peak memory per rule from XLA, compile only
     uv run --extra cuda13 bench.py        # GPU: adds wrn28_10 b128 and resnet50 b256 224², fp32 and bf16
+    uv run bench.py --plan                # cost of each figure's paper setup (README), compile only
 
 Writes <out>/bench_<platform>.csv: platform,model,dtype,method,step_ms,images_per_s,ratio_to_sgd,
 compile_s,peak_mem_mb (pipeline rows have method "pipeline:<name>" or "decode_per_core:<name>"), row
 by row, so an interrupted run keeps what it measured. With --analyze it only compiles each function
 and writes <out>/bench_<platform>_xla.csv: XLA's FLOP count and peak memory and their ratios to sgd,
-which no other load on the machine can disturb.
+which no other load on the machine can disturb. With --plan it prints what each figure script's
+paper setup costs (runs, steps, XLA's FLOPs per step of each rule at the paper's model, batch and
+resolution, accelerator-hours, peak memory per device), from the steps compiled into <out>/plan.csv.
 """
 
 import atexit
@@ -54,6 +57,15 @@ class Config:
     quick: bool = False  # 5 timed steps, 1 warm-up: a smoke run
     analyze: bool = False  # compile only: XLA's FLOP count and peak memory per rule, no timing
     gpu_quick: bool = False  # the GPU check (README): WRN-28-10 fp32/bf16, ResNet-50 bf16, pipeline, a fig2 run
+    # --plan: the cost of each figure script's paper setup from XLA's counts, compile only (`plan`)
+    plan: bool = False
+    plan_scripts: tuple[str, ...] = ("fig2_gp_relu_gelu", "fig3_beta_gelu", "fig4_aug_dim", "fig5_weight_noise",
+                                     "fig6_sam_vs_psam")
+    plan_datasets: tuple[str, ...] = ("imagenet", "cifar10")
+    plan_dtype: str = "bfloat16"  # the dtype a launch on an accelerator would use (--dtype of the scripts)
+    plan_devices: tuple[int, ...] = (1, 8)  # data-parallel devices the global batch is split over (memory)
+    mfu: float = 0.4  # model FLOP utilisation assumed for the accelerator-hours
+    compile_budget_s: float = 1800.0  # per compiled step; a step over budget is reported, not costed; 0: none
 
 
 def default_configs(platform):
@@ -228,6 +240,8 @@ GPU_QUICK = dict(configs=("wrn28_10:128:32:float32", "wrn28_10:128:32:bfloat16",
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__)
+    if cfg.plan:
+        return plan(cfg)
     if cfg.quick:
         cfg = dataclasses.replace(cfg, steps=5, warmup=1, pipeline_batches=5)
     if cfg.gpu_quick:
@@ -307,6 +321,205 @@ def fig2_run(cfg, platform):
     return dict(platform=platform, model="cnn16", dtype="float32", method="fig2_4runs_wall_s",
                 step_ms=1e3 * (time.perf_counter() - t))
 
+
+#### The cost plan (--plan) ########################################################################
+# What a figure script's paper setup costs before it is launched: its runs (from the script's own
+# Config and runs), the optimizer steps of each, and XLA's FLOP count and peak memory of each rule's
+# train step, compiled for one CPU device and analysed, never run. Compiled steps are cached in
+# <out>/plan.csv, keyed by (model, per-device batch, image size, rule, dtype): the table is printed
+# from it, and only missing steps compile.
+
+N_TRAIN = {"imagenet": 1_281_167, "cifar10": 50_000}  # training images
+ACCELERATORS = {"H100": (989e12, 80), "TPU v5e": (197e12, 16)}  # dense bf16 FLOP/s, GiB of memory per chip
+PLAN_COLUMNS = ("model", "batch", "image_size", "rule", "dtype", "gflop", "peak_mem_mb", "compile_s", "jax")
+
+
+def load_script(name):
+    """A figure script (e.g. "fig4_aug_dim") as a module."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    if not os.path.isfile(path):
+        raise common.ConfigError(f"--plan-scripts: no script {name}.py beside bench.py; accepted: fig2_gp_relu_gelu, "
+                                 "fig3_beta_gelu, fig4_aug_dim, fig5_weight_noise, fig6_sam_vs_psam")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def paper_sweep(script, dataset, **flags):
+    """(TrainConfigs of one seed, seed count) that `<script>.py --dataset <dataset>` with `flags` (Flags
+    fields, e.g. dtype="bfloat16") would run, from the script's own Config and runs. The one place
+    that knows how a script turns its flags into runs."""
+    module = load_script(script)
+    cfg = module.Config(dataset=dataset, **flags)
+    base, _ = common.resolve(cfg, getattr(module, "CPU_SCALE", None))
+    return module.runs(cfg, base), cfg.seeds if cfg.seeds is not None else cfg.paper_seeds
+
+
+def run_steps(tc) -> int:
+    """Optimizer steps of one run, as `common.setup` counts them (an epoch drops its last partial batch)."""
+    n_train = N_TRAIN[tc.dataset]
+    if tc.train_subset:
+        n_train = min(n_train, tc.train_subset)
+    return max(1, int(round(tc.epochs * (n_train // tc.batch_size))))
+
+
+def step_key(tc, devices=1) -> tuple:
+    """(model, per-device batch, image size, rule, dtype) of a run's train step on `devices` devices."""
+    return tc.model, tc.batch_size // devices, common.DATASET_SPECS[tc.dataset].shape[0], tc.method, tc.dtype
+
+
+def step_cost(model, batch, size, rule, dtype) -> tuple:
+    """(GFLOP, peak MiB, compile s) of the train step, from XLA's analysis of it compiled: the step
+    `--analyze` measures (the paper setup of the dataset the image size implies, GELU)."""
+    _, compile_s, peak, gflop = time_rule(model, batch, size, dtype, rule, Config(analyze=True))
+    return gflop, peak, compile_s
+
+
+def one_device_env() -> dict:
+    """The environment of a child process that sees one CPU device and nothing else."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    return env
+
+
+def compile_in_child(key, budget_s):
+    """step_cost(*key) in a child process on one CPU device (a compile cannot be interrupted in
+    process), killed after budget_s: (GFLOP, peak MiB, compile s), or None when over budget."""
+    import json
+    import subprocess
+    import sys
+
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import bench; "
+            f"print('PLAN', json.dumps(bench.step_cost(*{tuple(key)!r})))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=one_device_env(), capture_output=True, text=True,
+                             timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        return None
+    lines = [line for line in out.stdout.splitlines() if line.startswith("PLAN ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"compiling {key} failed:\n{out.stderr[-3000:]}")
+    return tuple(json.loads(lines[-1][5:]))
+
+
+def read_plan(path) -> dict:
+    """The cached steps of plan.csv by key; the last row of a key wins."""
+    import csv
+
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            num = lambda k: float(r[k]) if r[k] else None  # noqa: E731
+            out[(r["model"], int(r["batch"]), int(r["image_size"]), r["rule"], r["dtype"])] = dict(
+                gflop=num("gflop"), peak_mem_mb=num("peak_mem_mb"), compile_s=num("compile_s"), jax=r["jax"])
+    return out
+
+
+def cost_steps(path, keys, budget_s) -> dict:
+    """plan.csv's steps for `keys`, compiling (and appending) those it lacks; a step that ran over an
+    earlier budget is tried again only with a larger one. Budget 0: plan.csv as it is."""
+    table = read_plan(path)
+    for key in keys if budget_s > 0 else ():
+        got = table.get(key)
+        if got and (got["gflop"] is not None or got["compile_s"] >= budget_s):
+            continue
+        print(f"plan: compiling {':'.join(map(str, key))} (budget {budget_s:.0f} s)", flush=True)
+        t = time.perf_counter()
+        cost = compile_in_child(key, budget_s)
+        row = dict(zip(("gflop", "peak_mem_mb", "compile_s"), cost or (None, None, time.perf_counter() - t)))
+        row["jax"] = jax.__version__
+        new = not os.path.exists(path)
+        with open(path, "a") as f:  # row by row: an interrupted plan keeps what it compiled
+            if new:
+                f.write(",".join(PLAN_COLUMNS) + "\n")
+            f.write(",".join(map(str, key)) + "," + ",".join(
+                "" if row[c] is None else (f"{row[c]:.10g}" if isinstance(row[c], float) else str(row[c]))
+                for c in PLAN_COLUMNS[5:]) + "\n")
+        done = "over budget" if cost is None else f"{row['gflop']:.1f} GFLOP"
+        print(f"plan: {done} after {row['compile_s']:.0f} s", flush=True)
+    return read_plan(path)  # the table comes from the CSV, whether compiled now or before
+
+
+def sweep_cost(settings, seeds, table, devices, mfu) -> dict:
+    """The cost of one sweep: runs, steps per run, GFLOP per step of each rule, total FLOPs (None if a
+    step is missing), accelerator-hours at `mfu`, and the peak GiB per device on each device count."""
+    get = lambda key, field: table.get(key, {}).get(field)  # noqa: E731  (None: not compiled)
+    flop = {tc.method: get(step_key(tc), "gflop") for tc in settings}
+    total = None
+    if all(v is not None for v in flop.values()):
+        total = seeds * sum(run_steps(tc) * flop[tc.method] * 1e9 for tc in settings)
+    peaks = {}
+    for d in devices:
+        mem = [get(step_key(tc, d), "peak_mem_mb") for tc in settings]
+        peaks[d] = None if None in mem else max(mem) * 2**20 / 2**30
+    tc = settings[0]
+    return dict(model=tc.model, batch=tc.batch_size, image_size=step_key(tc)[2], dtype=tc.dtype,
+                configs=len(settings), seeds=seeds, runs=len(settings) * seeds,
+                steps_per_run=sorted({run_steps(t) for t in settings}), gflop_per_step=flop, total_flop=total,
+                hours={a: None if total is None else total / (peak * mfu) / 3600
+                       for a, (peak, _) in ACCELERATORS.items()},
+                peak_gib=peaks)
+
+
+def plan(cfg, flags=None) -> list[dict]:
+    """Print the cost of each --plan-scripts' paper setup on each --plan-datasets (flags: more
+    Flags fields for every script, e.g. a smaller model for a test); returns one dict per sweep."""
+    for ds in cfg.plan_datasets:
+        if ds not in N_TRAIN:
+            raise common.ConfigError(f"--plan-datasets: unknown dataset {ds!r}; accepted: {', '.join(N_TRAIN)}")
+    if not 0 < cfg.mfu <= 1:
+        raise common.ConfigError(f"--mfu: {cfg.mfu} is not in (0, 1]")
+    if cfg.compile_budget_s < 0:
+        raise common.ConfigError(f"--compile-budget-s: {cfg.compile_budget_s} is not >= 0")
+    sweeps = []
+    for script in cfg.plan_scripts:
+        for ds in cfg.plan_datasets:
+            settings, seeds = paper_sweep(script, ds, **({"dtype": cfg.plan_dtype} | (flags or {})))
+            for tc in settings:
+                # names and ranges; the batch is checked against --plan-devices, not this machine's devices
+                common.validate(dataclasses.replace(tc, batch_size=jax.device_count()))
+                for d in cfg.plan_devices:
+                    if d < 1 or tc.batch_size % d:
+                        raise common.ConfigError(f"--plan-devices: {d} does not divide {script} {ds}'s batch "
+                                                 f"{tc.batch_size}")
+            sweeps.append((script, ds, settings, seeds))
+    keys = dict.fromkeys(step_key(tc, d) for d in (1, *cfg.plan_devices) for _, _, settings, _ in sweeps
+                         for tc in settings)  # FLOPs (the global batch on one device) first
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, "plan.csv")
+    table = cost_steps(path, keys, cfg.compile_budget_s)
+    lines = [dict(script=script, dataset=ds) | sweep_cost(settings, seeds, table, cfg.plan_devices, cfg.mfu)
+             for script, ds, settings, seeds in sweeps]
+    print_plan(lines, cfg, path)
+    return lines
+
+
+def print_plan(lines, cfg, path) -> None:
+    """The plan as a Markdown table (the README's)."""
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    devs = " / ".join(map(str, cfg.plan_devices))
+    print(f"\nCost of the paper setups in {cfg.plan_dtype} at {cfg.mfu:.0%} MFU (XLA's counts of each rule's train step "
+          f"compiled on CPU, from {path}; test-set passes not included; -: not compiled within the budget)\n")
+    head = ["script", "dataset", "model, batch, image", "runs", "steps/run", "TFLOP/step", "total EFLOP", "H100-h",
+            "v5e-h", f"peak GiB/device on {devs} devices", "device counts that fit " + " / ".join(
+                f"{a} {gib} GiB" for a, (_, gib) in ACCELERATORS.items())]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for ln in lines:
+        rules = ", ".join(f"{r} {fmt(None if g is None else g / 1e3, '.2f')}" for r, g in ln["gflop_per_step"].items())
+        fits = "-" if None in ln["peak_gib"].values() else " / ".join(
+            ", ".join(str(d) for d, p in ln["peak_gib"].items() if p <= gib) or "none" for _, gib in ACCELERATORS.values())
+        cells = [ln["script"], ln["dataset"], f"{ln['model']}, {ln['batch']}, {ln['image_size']}²",
+                 f"{ln['configs']} × {ln['seeds']} = {ln['runs']}", ", ".join(f"{n:,}" for n in ln["steps_per_run"]),
+                 rules, fmt(None if ln["total_flop"] is None else ln["total_flop"] / 1e18, ".1f"),
+                 fmt(ln["hours"]["H100"], ",.0f"), fmt(ln["hours"]["TPU v5e"], ",.0f"),
+                 " / ".join(fmt(p, ".1f") for p in ln["peak_gib"].values()), fits]
+        print("| " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     common.run_cli(main)

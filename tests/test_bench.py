@@ -1,6 +1,7 @@
 """bench.py runs end to end and writes its CSV (speed itself is never asserted by a test)."""
 
 import csv
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -59,3 +60,63 @@ def test_bad_config_spec_exits_2(bench, capsys):
     with pytest.raises(SystemExit) as e:
         common.run_cli(lambda: bench.main(["--configs", "wrn16_4:128"]))
     assert e.value.code == 2 and "--configs" in capsys.readouterr().err
+
+
+TINY_PLAN = dict(model="tiny", batch_size=16, epochs=2, train_subset=100)  # 6 steps per epoch
+
+
+def test_plan_is_runs_times_steps_times_the_analyzed_step(bench, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import common
+
+    cfg = bench.Config(plan=True, plan_scripts=("fig2_gp_relu_gelu",), plan_datasets=("cifar10",), plan_devices=(1, 2),
+                       out=str(tmp_path))
+    (line,) = bench.plan(cfg, TINY_PLAN)
+    settings, seeds = bench.paper_sweep("fig2_gp_relu_gelu", "cifar10", dtype="bfloat16", **TINY_PLAN)
+    assert (seeds, len(settings), line["runs"]) == (5, 12, 60)  # 2 activations × 6 ρ, the paper's 5 seeds
+    # Steps as the engine counts them, on a training set of the subset's size.
+    x, y = np.zeros((100, 32, 32, 3), np.uint8), np.zeros(100, np.int32)
+    data = common.InMemory(common.DATASET_SPECS["cifar10"], x, y, x[:10], y[:10])
+    assert line["steps_per_run"] == [common.setup(settings[0], 0, data).total] == [12]
+    # FLOPs per step: what --analyze reports for the same step, compiled in a process of the same kind.
+    subprocess.run([sys.executable, str(ROOT / "bench.py"), "--analyze", "--configs", "tiny:16:32:bfloat16",
+                    "--methods", "gp_p1", "--out", str(tmp_path)], env=bench.one_device_env(), cwd=ROOT, check=True)
+    (row,) = csv.DictReader(open(tmp_path / "bench_cpu_xla.csv"))
+    gflop = line["gflop_per_step"]["gp_p1"]
+    assert gflop == pytest.approx(float(row["gflop"]), rel=5e-4)  # the CSV keeps 4 significant digits
+    assert line["total_flop"] == pytest.approx(60 * 12 * gflop * 1e9, rel=1e-12)
+    assert line["hours"]["TPU v5e"] == pytest.approx(line["total_flop"] / (197e12 * 0.4) / 3600, rel=1e-12)
+    # Memory at the per-device batch: half the activations, the same parameters and optimizer state.
+    assert line["peak_gib"][2] < line["peak_gib"][1]
+    # A second plan is printed from plan.csv without compiling.
+    monkeypatch.setattr(bench, "compile_in_child", lambda *a: pytest.fail("compiled a cached step"))
+    assert bench.plan(cfg, TINY_PLAN) == [line]
+
+
+def test_plan_reports_a_step_over_its_compile_budget(bench, tmp_path, monkeypatch, capsys):
+    cfg = bench.Config(plan=True, plan_scripts=("fig3_beta_gelu",), plan_datasets=("imagenet",), plan_devices=(1,),
+                       compile_budget_s=0.01, out=str(tmp_path))
+    (line,) = bench.plan(cfg, TINY_PLAN)
+    assert line["gflop_per_step"] == {"sgd": None, "gp_p1": None} and line["total_flop"] is None
+    assert "| - | - | - |" in capsys.readouterr().out  # total, H100-h, v5e-h
+    monkeypatch.setattr(bench, "compile_in_child", lambda *a: pytest.fail("retried within the same budget"))
+    bench.plan(cfg, TINY_PLAN)
+    (line,) = bench.plan(dataclasses.replace(cfg, plan_scripts=("fig6_sam_vs_psam",), compile_budget_s=0), TINY_PLAN)
+    assert line["gflop_per_step"] == {"sam": None, "gp_p1": None}  # budget 0: plan.csv as it is, sam never compiled
+    with pytest.raises(pytest.fail.Exception, match="retried"):
+        bench.plan(dataclasses.replace(cfg, compile_budget_s=1.0), TINY_PLAN)
+
+
+def test_plan_bad_flags_exit_2(bench, capsys):
+    import common
+
+    for argv, flag in ((["--plan", "--plan-datasets", "mnist"], "--plan-datasets"), (["--plan", "--mfu", "2"], "--mfu"),
+                       (["--plan", "--compile-budget-s", "-1"], "--compile-budget-s"),
+                       (["--plan", "--plan-devices", "3"], "--plan-devices")):
+        with pytest.raises(SystemExit) as e:
+            common.run_cli(lambda: bench.main(argv))
+        assert e.value.code == 2 and flag in capsys.readouterr().err
