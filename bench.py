@@ -39,7 +39,8 @@ import numpy as np
 
 import common
 
-METHODS = ("sgd", "gp_p1", "gp_p2", "sam", "usam", "weight_noise", "hessian_trace", "gn_trace", "probe")
+METHODS = ("sgd", "gp_p1", "gp_p2", "gp_gn_p1", "gp_gn_p2", "sam", "usam", "weight_noise", "hessian_trace", "gn_trace",
+           "probe")
 COLUMNS = ("platform", "model", "dtype", "method", "step_ms", "images_per_s", "ratio_to_sgd", "compile_s",
            "peak_mem_mb")
 
