@@ -400,7 +400,7 @@ class Hyper(NamedTuple):
     TrainConfig field of the same name; a new rule's scalar is one more field here and there."""
 
     lr: Any = 0.0
-    rho: Any = 0.0  # gp, sam, usam
+    rho: Any = 0.0  # gp, gp_gn, sam, usam
     sigma2: Any = 0.0  # weight_noise, hessian_trace, gn_trace
     beta: Any = 1.0  # width of the activation's φ″ (beta_gelu, relu_aug)
     weight_decay: Any = 0.0
@@ -452,6 +452,24 @@ def gp(loss_fn, params, state, batch, key, hp, *, p: int = 1) -> Step:
     u = jax.tree.map(lambda x: x / norm if p == 1 else 2 * x, g)  # ∂‖g‖^p/∂g
     hu = hvp(_scalar(loss_fn, state, batch), params, u)
     return Step(jax.tree.map(lambda a, b: a + hp.rho * b, g, hu), new_state, loss)
+
+
+def gp_gn(loss_fn, params, state, batch, key, hp, *, p: int = 1) -> Step:
+    """gp's update with H replaced by GN, all else equal (MATH.md §3, "gp_gn"): the NME ablation.
+
+    p=1: g + ρ GN g/‖g‖;  p=2: g + 2ρ GN g. u = ∂‖g‖^p/∂g exactly as in gp; GN u is `gnvp` (one JVP
+    and one VJP of the logits) of the training-mode logits at θ, BatchNorm on batch statistics, so
+    J is the Jacobian of the whole batch's logits, statistics included, as in gp's HVP. The update
+    differs from gp's by ρ NME u only; it follows no objective (GN is not a Hessian of L0 + ρ‖g‖^p).
+    """
+    if p not in (1, 2):
+        raise ValueError(f"gp_gn: p must be 1 or 2, got {p}")
+    loss, new_state, g = _grad(loss_fn, params, state, batch)
+    norm = jnp.sqrt(jnp.maximum(tree_dot(g, g), 1e-30))  # as gp: finite at g = 0
+    u = jax.tree.map(lambda x: x / norm if p == 1 else 2 * x, g)
+    logits = lambda w: loss_fn(w, state, batch)[1][1]
+    gnu = gnvp(logits, batch[1], params, u)
+    return Step(jax.tree.map(lambda a, b: a + hp.rho * b, g, gnu), new_state, loss)
 
 
 def _perturbed_grad(loss_fn, params, state, batch, delta):
@@ -576,6 +594,8 @@ RULES: dict[str, Callable[..., Step]] = {
     "sgd": sgd,
     "gp_p1": functools.partial(gp, p=1),
     "gp_p2": functools.partial(gp, p=2),
+    "gp_gn_p1": functools.partial(gp_gn, p=1),
+    "gp_gn_p2": functools.partial(gp_gn, p=2),
     "sam": sam,
     "usam": usam,
     "weight_noise": weight_noise,

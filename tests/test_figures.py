@@ -32,6 +32,7 @@ SMOKE = {
     "fig4_aug_dim": 4 * 2,
     "fig5_weight_noise": 2 * 3 * 2,
     "fig6_sam_vs_psam": 2 * 2 * 2,
+    "nme_ablation": 2 * (1 + 2),  # per activation: the shared sgd baseline at ρ = 0, both rules at the last ρ
 }
 TRAINING = [s for s in SMOKE if s != "fig1_nme_landscape"]
 
@@ -217,6 +218,9 @@ BAD = [(name, ["--dataset", "foo"]) for name in TRAINING] + [
     ("fig6_sam_vs_psam", ["--batch-size", "0"]),
     ("fig6_sam_vs_psam", ["--eval-batch-size", "0"]),
     ("fig4_aug_dim", ["--dataset", "cifar10"]),  # a paper setup on a CPU-only JAX: names the extras
+    ("nme_ablation", ["--rhos", "0.3", "1"]),  # no ρ = 0: no baseline for any gain
+    ("nme_ablation", ["--methods", "gp_p1"]),
+    ("nme_ablation", ["--methods", "gp_p1", "adam"]),
 ]
 
 

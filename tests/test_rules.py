@@ -45,16 +45,27 @@ def flat_of(tree):
     return ravel_pytree(tree)[0]
 
 
+def dense_gn(Z, w):
+    """GN = (1/B) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i from jax.jacobian of the batch's logits Z(w) [B, C]
+    (MATH.md §1), independent of common's gnvp."""
+    J, p = jax.jacobian(Z)(w), jax.nn.softmax(Z(w))
+    Hz = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
+    return jnp.einsum("bcp,bcd,bdq->pq", J, Hz, J) / p.shape[0]
+
+
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("act", ["gelu", "relu", "relu_aug"])
 def test_deterministic_rules_match_dense_formulas(act):
     params, loss_fn, batch, w, unravel, L = setup(act)
     g, H = jax.grad(L)(w), jax.hessian(L)(w)
+    GN = dense_gn(lambda v: mlp(activation(act), unravel(v), batch[0]), w)
     n = jnp.linalg.norm(g)
     expect = {
         "sgd": g,
         "gp_p1": g + RHO * H @ g / n,  # Eq. 8
         "gp_p2": g + 2 * RHO * H @ g,  # Eq. 47
+        "gp_gn_p1": g + RHO * GN @ g / n,  # MATH.md §3, gp_gn
+        "gp_gn_p2": g + 2 * RHO * GN @ g,
         "sam": jax.grad(L)(w + RHO * g / n),  # Eq. 42
         "usam": jax.grad(L)(w + RHO * g),  # Eq. 43
     }
@@ -64,8 +75,67 @@ def test_deterministic_rules_match_dense_formulas(act):
         np.testing.assert_allclose(flat_of(step.direction), ref, rtol=1e-10, atol=1e-13, err_msg=name)
         assert float(step.loss) == pytest.approx(float(L(w)), rel=1e-12)
     # The penalties move the direction by much more than the tolerance (the test can fail).
-    for name in ("gp_p1", "gp_p2", "sam", "usam"):
+    for name in ("gp_p1", "gp_p2", "gp_gn_p1", "gp_gn_p2", "sam", "usam"):
         assert float(jnp.linalg.norm(expect[name] - g)) > 1e-4 * float(n), name
+    # gp_gn is gp with the NME taken out of the update: they differ by ρ NME ĝ, which is not small
+    # (even for relu, whose NME keeps its cross-layer terms).
+    gap = flat_of(steps["gp_p1"].direction) - flat_of(steps["gp_gn_p1"].direction)
+    np.testing.assert_allclose(gap, RHO * (H - GN) @ g / n, rtol=1e-9, atol=1e-13)
+    assert float(jnp.linalg.norm(gap)) > 0.05 * float(jnp.linalg.norm(expect["gp_p1"] - g))
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("p", [1, 2])
+def test_gp_gn_equals_gp_where_the_nme_is_zero(p):
+    """A linear model z = xW + b has ∇²_θ z = 0, so NME = 0, H = GN and gp_gn's update is gp's, to
+    rounding; with a hidden layer (relu MLP) they differ, which the dense test above measures."""
+    kw, kb, kx, ky = jax.random.split(jax.random.key(4), 4)
+    params = {"w": jax.random.normal(kw, (3, 4)), "b": 0.3 * jax.random.normal(kb, (4,))}
+    x, y = jax.random.normal(kx, (6, 3)), jax.random.randint(ky, (6,), 0, 4)
+
+    def loss_fn(q, state, b):
+        z = b[0] @ q["w"] + q["b"]
+        return cross_entropy(z, b[1]), (state, z)
+
+    steps = run_all([f"gp_p{p}", f"gp_gn_p{p}", "sgd"], loss_fn, params, (x, y), rho=0.7)
+    gp, gn, g = (flat_of(steps[k].direction) for k in (f"gp_p{p}", f"gp_gn_p{p}", "sgd"))
+    np.testing.assert_allclose(gn, gp, rtol=1e-12, atol=1e-15)
+    assert float(jnp.linalg.norm(gp - g)) > 1e-2 * float(jnp.linalg.norm(g))  # the penalty is there
+
+
+def bn_mlp(act, p, x):
+    """linear-BN-act-linear in float64, BatchNorm on the batch's own statistics (training mode): every
+    example's logits depend on the whole batch."""
+    h = x @ p["w1"] + p["b1"]
+    h = (h - h.mean(0)) / jnp.sqrt(h.var(0) + 1e-5)
+    return act(h) @ p["w2"] + p["b2"]
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("p", [1, 2])
+def test_gp_gn_with_batchnorm_is_the_gauss_newton_of_the_whole_batch(p):
+    """With BatchNorm in training mode, GN = Jᵀ H_z J with J the Jacobian of the whole batch's logits
+    [B, C] in θ, the batch statistics differentiated (MATH.md §3, gp_gn). Holding the statistics fixed
+    (per-example J_i) is another matrix, which the rule must not follow."""
+    act = activation("gelu")
+    params, _, x, y = problem("mlp", act, jax.random.key(2), batch=8)
+    w, unravel = ravel_pytree(params)
+    Z = lambda v: bn_mlp(act, unravel(v), x)
+
+    def loss_fn(q, state, b):
+        z = bn_mlp(act, q, b[0])
+        return cross_entropy(z, b[1]), (state, z)
+
+    g = jax.grad(lambda v: cross_entropy(Z(v), y))(w)
+    u = g / jnp.linalg.norm(g) if p == 1 else 2 * g
+    GN = dense_gn(Z, w)
+    step = run(f"gp_gn_p{p}", loss_fn, params, (x, y))
+    np.testing.assert_allclose(flat_of(step.direction), g + RHO * GN @ u, rtol=1e-10, atol=1e-13)
+    # Statistics held at their values at θ: a different GN, by far more than the tolerance.
+    h0 = x @ params["w1"] + params["b1"]
+    mu, sd = jax.lax.stop_gradient(h0.mean(0)), jax.lax.stop_gradient(jnp.sqrt(h0.var(0) + 1e-5))
+    frozen = lambda v: act((x @ unravel(v)["w1"] + unravel(v)["b1"] - mu) / sd) @ unravel(v)["w2"] + unravel(v)["b2"]
+    assert float(jnp.linalg.norm((GN - dense_gn(frozen, w)) @ u)) > 1e-3 * float(jnp.linalg.norm(GN @ u))
 
 
 def mc_close(samples, ref, base):

@@ -64,7 +64,7 @@ def _step_inputs(method, n_devices):
     return run, mesh, jax.device_put((run.params, run.opt_state, run.bn_state, run.hp), rep)
 
 
-@pytest.mark.parametrize("method", ["sgd", "gp_p1", "sam", "hessian_trace", "gn_trace"])
+@pytest.mark.parametrize("method", ["sgd", "gp_p1", "gp_gn_p1", "sam", "hessian_trace", "gn_trace"])
 def test_sharded_step_equals_single_device(method):
     """Global view: BatchNorm statistics, ‖g‖, ε and ŷ cover the global batch, so 4 devices == 1 device."""
     assert jax.device_count() == 4  # conftest simulates 4 CPU devices

@@ -94,6 +94,37 @@ def test_contrast_hand_computed():
     assert (c.lo, c.hi) == pytest.approx((3 - half, 3 + half), rel=1e-9)
 
 
+def test_difference_of_gains_and_difference_of_differences():
+    """nme_ablation's claims: gains against a shared sgd baseline, a difference of two methods' gains and a
+    difference of those differences between activations, on rows with known accuracies (points)."""
+    import nme_ablation
+
+    rng = np.random.default_rng(0)
+    acc, rows = {}, []
+    for seed in range(4):
+        for act in ("relu", "gelu"):
+            for method, rho in (("sgd", 0.0), ("gp_p1", 0.3), ("gp_gn_p1", 0.3), ("gp_p1", 1.0), ("gp_gn_p1", 1.0)):
+                a = acc[seed, act, method, rho] = float(rng.uniform(50, 80))
+                rows.append(row(act, rho, seed, a / 100) | {"method": method})
+    lines = {(line["contrast"], line["at"]): line
+             for line in judge(rows, nme_ablation.claims(nme_ablation.Config(rhos=(0.0, 0.3, 1.0))))}
+    assert len(lines) == 6
+    for rho in (0.3, 1.0):
+        gain = lambda s, act, m: acc[s, act, m, rho] - acc[s, act, "sgd", 0.0]  # noqa: E731
+        nme = lambda s, act: gain(s, act, "gp_p1") - gain(s, act, "gp_gn_p1")  # noqa: E731
+        expect = {"gain(gp_p1, gelu) − gain(gp_gn_p1, gelu)": [nme(s, "gelu") for s in range(4)],
+                  "[gain(gp_p1) − gain(gp_gn_p1)]_gelu − [...]_relu": [nme(s, "gelu") - nme(s, "relu")
+                                                                      for s in range(4)],
+                  "gain(gp_gn_p1, gelu) − gain(gp_gn_p1, relu)": [gain(s, "gelu", "gp_gn_p1")
+                                                                 - gain(s, "relu", "gp_gn_p1") for s in range(4)]}
+        for label, values in expect.items():
+            line = lines[label, f"rho={rho:g}"]
+            assert line["n"] == 4 and line["mean"] == pytest.approx(np.mean(values), abs=1e-9), label
+            half = T_TABLE[3] * np.std(values, ddof=1) / 2
+            assert (line["lo"], line["hi"]) == pytest.approx((np.mean(values) - half, np.mean(values) + half),
+                                                             abs=1e-9), label
+
+
 def test_seeds_sorted_whatever_the_row_order():
     rows = fig2_rows({7: (2, 1), 2: (3, 1), 10: (1, -2), 0: (5, -1)})
     assert list(contrast(rows[::-1], fig2_terms()).values) == [0, 2, 7, 10]
