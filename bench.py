@@ -354,7 +354,7 @@ def paper_sweep(script, dataset, **flags):
     that knows how a script turns its flags into runs."""
     module = load_script(script)
     cfg = module.Config(dataset=dataset, **flags)
-    base, _ = common.resolve(cfg, getattr(module, "CPU_SCALE", None))
+    base, _ = common.resolve(cfg)
     return module.runs(cfg, base), cfg.seeds if cfg.seeds is not None else cfg.paper_seeds
 
 

@@ -8,6 +8,7 @@ MATH.md defines every quantity and the three corrections to the paper; equation 
 from __future__ import annotations
 
 import argparse
+import collections
 import atexit
 import csv
 import dataclasses
@@ -390,25 +391,10 @@ def probe(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x: j
 # Every rule is rule(loss_fn, params, state, batch, key, hp) -> Step, where
 #   loss_fn(params, state, batch) -> (mean cross-entropy L0, (new_state, logits))
 # runs the model in training mode (BatchNorm on batch statistics), batch = (x, y), and hp is the
-# Hyper pytree of scalar arrays (a rule reads hp.rho or hp.sigma2), so that a sweep compiles once.
+# Hyper pytree of scalar arrays (a rule reads hp.rho or hp.sigma2; TrainConfig's fields marked
+# array=True, in the configuration section), so that a sweep compiles once.
 # The direction is the gradient of the rule's objective before weight decay and momentum; `state` is
 # the BatchNorm state to keep: from the pass at the unperturbed θ, except for weight_noise.
-
-
-class Hyper(NamedTuple):
-    """The scalars the train step reads, as arrays: a sweep over any of them compiles once. Each is the
-    TrainConfig field of the same name; a new rule's scalar is one more field here and there."""
-
-    lr: Any = 0.0
-    rho: Any = 0.0  # gp, gp_gn, sam, usam
-    sigma2: Any = 0.0  # weight_noise, hessian_trace, gn_trace
-    beta: Any = 1.0  # width of the activation's φ″ (beta_gelu, relu_aug)
-    weight_decay: Any = 0.0
-    momentum: Any = 0.0
-
-    @classmethod
-    def of(cls, cfg) -> "Hyper":
-        return cls(*(jnp.float32(getattr(cfg, f)) for f in cls._fields))
 
 
 class Step(NamedTuple):
@@ -1501,11 +1487,13 @@ _load_small_cached = functools.lru_cache(maxsize=2)(load_small)  # a sweep decod
 # batch (global view: XLA inserts the all-reduces). The step is compiled once per StepSpec, the
 # hashable description of what its code depends on; every Hyper scalar is an array input.
 
-def setting(default, check: Callable[[Any], str | None] | None = None, *, flag: bool = True, help: str = ""):
+def setting(default, check: Callable[[Any], str | None] | None = None, *, flag: bool = True, array: bool = False,
+            help: str = ""):
     """A configuration field: its default; the check of a value (None when the value is accepted, else
     the accepted values as text; a None value is never checked); whether every figure script has a
-    --flag for it (`Flags`; False: the script's runs set it); and the flag's help."""
-    return dataclasses.field(default=default, metadata={"check": check, "flag": flag, "help": help})
+    --flag for it (`Flags`; False: the script's runs set it); whether the step reads it as a scalar
+    array (`Hyper`: a sweep over it compiles once); and the flag's help."""
+    return dataclasses.field(default=default, metadata={"check": check, "flag": flag, "array": array, "help": help})
 
 
 def at_least(lo):
@@ -1544,16 +1532,16 @@ class TrainConfig:
     dataset: str = setting("fashion_mnist", one_of(DATASETS))
     model: str = setting("mlp256", _known_model)
     activation: str = setting("relu", one_of(ACTIVATIONS), flag=False)
-    beta: float = setting(1.0, above(0), flag=False, help="width of φ″ for beta_gelu and relu_aug")
+    beta: float = setting(1.0, above(0), flag=False, array=True, help="width of φ″ for beta_gelu and relu_aug")
     method: str = setting("sgd", one_of(RULES), flag=False)
-    rho: float = setting(0.0, at_least(0), flag=False, help="of gp, sam, usam")
-    sigma2: float = setting(0.0, at_least(0), flag=False, help="of weight_noise, hessian_trace, gn_trace")
+    rho: float = setting(0.0, at_least(0), flag=False, array=True, help="of gp, sam, usam")
+    sigma2: float = setting(0.0, at_least(0), flag=False, array=True, help="of weight_noise, hessian_trace, gn_trace")
     epochs: float = setting(50, above(0))
     batch_size: int = setting(128, _device_multiple)
-    lr: float = setting(0.05, above(0), help="ImageNet: 0.1 × batch/256 unless given (Goyal et al.)")
-    momentum: float = setting(0.9, in_range(0, 1))
+    lr: float = setting(0.05, above(0), array=True, help="ImageNet: 0.1 × batch/256 unless given (Goyal et al.)")
+    momentum: float = setting(0.9, in_range(0, 1), array=True)
     nesterov: bool = setting(True)
-    weight_decay: float = setting(5e-4, at_least(0))
+    weight_decay: float = setting(5e-4, at_least(0), array=True)
     decay_norm_and_bias: bool = setting(True)
     warmup_epochs: float = setting(1.0, at_least(0))
     augment: bool = setting(False, help="pad-crop + flip on the device (small images; ImageNet crops in its pipeline)")
@@ -1565,6 +1553,21 @@ class TrainConfig:
                          "parameters/optimizer/BN/loss/norms")
     probe_every: int = setting(0, at_least(0), help="curvature probe every N steps (0: never)")
 
+
+
+_ARRAYS = [f for f in dataclasses.fields(TrainConfig) if f.metadata["array"]]
+
+
+class Hyper(collections.namedtuple("Hyper", [f.name for f in _ARRAYS], defaults=[f.default for f in _ARRAYS])):
+    """The TrainConfig fields marked array=True, as scalar arrays: what the step reads of them (a
+    rule reads hp.rho or hp.sigma2), so that a sweep over any of them compiles once. A new rule's
+    scalar is one TrainConfig line."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, cfg) -> "Hyper":
+        return cls(*(jnp.float32(getattr(cfg, f)) for f in cls._fields))
 
 # Every setup, whole (MATH.md §4). A script's runs set activation, beta, method, rho and sigma2; a
 # script may change its setup (its Config's `overrides`), and a flag given changes both.
