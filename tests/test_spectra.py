@@ -188,3 +188,81 @@ def test_spectra_prober_writes_rows(tmp_path):
             for s in range(2):
                 w = [float(r["weight"]) for r in rows if r["operator"] == o and int(r["start"]) == s]
                 assert abs(sum(w) - 1) < 1e-5
+
+
+#### Measurements behind the defaults (MATH.md §8): `PYTHONPATH=. uv run python tests/test_spectra.py`
+
+
+@functools.cache
+def slq_of(n, starts, steps):
+    return jax.jit(lambda A, key: slq(lambda v: A @ v, key, n, starts=starts, steps=steps, dtype=jnp.float64))
+
+
+def measure(reps=10):
+    """SLQ density error and extreme-eigenvalue error against the dense spectrum of a gelu MLP (n = 754
+    parameters, 64 examples, 10 classes) for starts × steps, and the variance of Hutch++ against
+    Hutchinson on its GN and on mlp256's GN at initialisation on 512 Fashion-MNIST images."""
+    import time
+
+    with jax.enable_x64(True):
+        kp, kx, ky = jax.random.split(jax.random.key(0), 3)
+        params = nets.mlp_init(kp, d=20, h=24, c=10)
+        x, y = jax.random.normal(kx, (64, 20)), jax.random.randint(ky, (64,), 0, 10)
+        act = activation("gelu")
+        r = dense(nets.mlp, act, twin(act), params, x, y)
+        mats = {"H": np.asarray(r["H"]), "GN": np.asarray(r["GN"]), "NME": np.asarray(r["H"] - r["GN"])}
+        n = mats["H"].shape[0]
+        print(f"n = {n}; L1 error of the density (σ = 0.01 of the range), |error| of λ_max and λ_min of start 0 "
+              f"over the spectral radius; mean of {reps} draws")
+        print(f"{'op':4} {'starts':>6} {'steps':>5} {'products':>8} {'L1 density':>10} {'λmax err':>9} {'λmin err':>9}")
+        for o, A in mats.items():
+            eig = np.linalg.eigvalsh(A)
+            radius = np.abs(eig).max()
+            lo, hi = eig[0], eig[-1]
+            grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 2001)
+            sigma = 0.01 * (hi - lo)
+            exact = np.asarray(common.slq_density(jnp.asarray(eig[None]), jnp.full((1, n), 1.0 / n), grid, sigma))
+            for starts in (1, 2, 4, 8):
+                for steps in (10, 20, 40, 80):
+                    f = slq_of(n, starts, steps)
+                    errs = []
+                    for i in range(reps):
+                        nodes, w = f(jnp.asarray(A), jax.random.key(100 + i))
+                        d = np.asarray(common.slq_density(nodes, w, grid, sigma))
+                        top, bottom = ritz_extremes(nodes[0], w[0], 1)
+                        errs.append((np.abs(d - exact).sum() * (grid[1] - grid[0]),
+                                     abs(float(top[0]) - hi) / radius, abs(float(bottom[0]) - lo) / radius))
+                    e = np.mean(errs, axis=0)
+                    print(f"{o:4} {starts:6d} {steps:5d} {starts * steps:8d} {e[0]:10.4f} {e[1]:9.2e} {e[2]:9.2e}")
+        print("Hutch++ against Hutchinson, Rademacher, 2,000 estimates each: variance ratio")
+        A = jnp.asarray(mats["GN"])
+        keys = jax.random.split(jax.random.key(5), 2000)
+        for products in (12, 30, 60):
+            v = {f.__name__: float(jnp.var(jax.vmap(lambda k: f(lambda u: A @ u, k, n, products, jnp.float64))(keys)))
+                 for f in (hutchpp, hutchinson)}
+            print(f"  GN of the n = {n} MLP, {products} products: Hutchinson {v['hutchinson']:.3e}, "
+                  f"Hutch++ {v['hutchpp']:.3e}, ratio {v['hutchinson'] / v['hutchpp']:.1f}")
+    cfg = common.for_dataset("fashion_mnist")
+    data = common.load_data(cfg)
+    run = common.setup(cfg, 0, data)
+    xb, yb = data.probe_batch(512)
+    act = common.Activation("gelu")
+    static = common.skeleton(run.spec.net)
+
+    def zoo(a, p, xx):
+        model = common.with_act(common.eqx.nn.inference_mode(common.eqx.combine(p, static)), a)
+        return common.apply(model, run.bn_state, xx)[0].astype(jnp.float32)
+
+    xb = common.normalize(jnp.asarray(xb), data.spec.mean, data.spec.std)
+    reps, products = 20, 30
+    for f in (hutchpp, hutchinson):
+        est = jax.jit(lambda p, k: f(flat_operators(zoo, act, twin(act), p, xb, jnp.asarray(yb))[0]["GN"], k,
+                                     common.ravel_pytree(p)[0].shape[0], products))
+        t = time.perf_counter()
+        e = np.array([float(est(run.params, jax.random.key(i))) for i in range(reps)])
+        print(f"  GN of mlp256 (gelu, init, 512 images), {products} products, {reps} estimates: {f.__name__} "
+              f"mean {e.mean():.4f} sd {e.std(ddof=1):.2e} ({time.perf_counter() - t:.0f} s)")
+
+
+if __name__ == "__main__":
+    measure()
