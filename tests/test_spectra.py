@@ -82,8 +82,8 @@ def test_moments_unbiased_over_starts():
 @pytest.mark.parametrize("kind,name", CASES)
 def test_extreme_eigenvalues(kind, name):
     """One run of m = n steps: the 3 largest and 3 most negative Ritz values are the eigenvalues of H and
-    of the NME (eigvalsh); GN's Krylov space is exhausted early (rank ≤ B(C − 1)), and its 3 largest
-    are still exact: the padded steps (weight 0) never enter."""
+    of the NME (eigvalsh); GN's Krylov space is exhausted early (rank r ≤ B(C − 1)), its 3 largest are
+    still exact, and the padded steps (weight 0) never enter."""
     n, mats, *_ = case(kind, name)
     got = network_slq(kind, name, 1, n)
     for o in ("H", "NME", "GN"):
@@ -93,6 +93,12 @@ def test_extreme_eigenvalues(kind, name):
         assert np.allclose(top, eig[-3:], rtol=0, atol=tol), (o, top, eig[-3:])
         if o != "GN":  # GN's null space is one Ritz value, not many
             assert np.allclose(bottom, eig[:3], rtol=0, atol=tol), (o, bottom, eig[:3])
+    # GN of rank r: the Krylov space has dimension r + 1 (its range and one null vector); asked for r + 2,
+    # ritz_extremes gives NaN for the missing one, not a padded step's value
+    eig = np.linalg.eigvalsh(mats["GN"])
+    r = np.linalg.matrix_rank(mats["GN"], tol=1e-10 * eig[-1])
+    top, _ = (np.asarray(a) for a in ritz_extremes(*(jnp.asarray(a[0]) for a in got["GN"]), r + 2))
+    assert np.isnan(top[0]) and np.allclose(top[1:], np.r_[0.0, eig[-r:]], rtol=0, atol=1e-9 * eig[-1]), (r, top)
 
 
 @pytest.mark.parametrize("kind,name", CASES)
