@@ -1762,14 +1762,22 @@ def with_act(model, act):
     return map_acts(model, lambda _: act)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("samples", "iters"))
-def probe_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, samples=8, iters=20):
-    """`probe` of the model in inference mode on the batch (x uint8 NHWC, y): a dict of scalars."""
+def inference_net(net: NetSpec, bn_state) -> Callable:
+    """The model as the probe's `net(act, params, x) -> logits`: inference mode, every activation `act`."""
     static = skeleton(net)
 
     def zoo(act, p, xb):
         model = with_act(eqx.nn.inference_mode(eqx.combine(p, static)), act)
         return apply(model, bn_state, xb)[0].astype(jnp.float32)
+
+    return zoo
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("samples", "iters"))
+def probe_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, samples=8, iters=20):
+    """`probe` of the model in inference mode on the batch (x uint8 NHWC, y): a dict of scalars."""
+    static = skeleton(net)
+    zoo = inference_net(net, bn_state)
 
     def support(_, act, p, xb, beta):  # per example inside vmap, then the batch mean (no tracer escapes)
         def one(xi):
@@ -1794,15 +1802,10 @@ def spectra_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, 
                  starts=4, steps=40):
     """`spectra` of the model in inference mode on the batch (x uint8 NHWC, y): {operator: (nodes,
     weights)}, each [starts, steps]."""
-    static = skeleton(net)
-
-    def zoo(act, p, xb):
-        model = with_act(eqx.nn.inference_mode(eqx.combine(p, static)), act)
-        return apply(model, bn_state, xb)[0].astype(jnp.float32)
-
     act = Activation(net.activation, beta)
-    return spectra(zoo, act, twin(act), params, normalize(x, mean, std), y, key, operators=operators,
-                   starts=starts, steps=steps)
+    return spectra(inference_net(net, bn_state), act, twin(act), params, normalize(x, mean, std), y, key,
+                   operators=operators, starts=starts, steps=steps)
+
 
 def data_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -2078,12 +2081,12 @@ def _rows_upto(path, run: Run) -> list[dict]:
     return [r for r in kept if row_key(r) == ident]
 
 
-
 class Prober:
     """The curvature probe as fit's callback: on a fixed batch of about PROBE_BATCH training images
     (a multiple of the device count), one row per call appended to `path` (the run's identity, step,
     epoch and every probe value); `last` keeps the latest values. Rows of this run past the step it
-    starts from (a run restarted without its checkpoint) are dropped; those up to it are kept."""
+    starts from (a run restarted without its checkpoint) are dropped; those up to it are kept. With
+    `path` None it only holds the batch (for SpectraProber)."""
 
     def __init__(self, run: Run, data, path):
         n = jax.device_count()
@@ -2128,6 +2131,7 @@ class SpectraProber(Prober):
                                             "weight": w[i, j]}
                                     for name, (nodes, w) in got.items()
                                     for i in range(nodes.shape[0]) for j in range(nodes.shape[1])])
+
 
 METRICS = ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "diverged", "steps", "wall_s")
 

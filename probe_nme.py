@@ -19,7 +19,7 @@ runs/probe_nme/<dataset>-<model>/ unless --out says.
 With --spectra: the spectra of H, GN and NME = H − GN (MATH.md §8) at three points of training (5%,
 50% and 100% of its steps) for relu and gelu under sgd and gp_p1 at ρ = 0.3, on the same probe batch:
 
-    uv run probe_nme.py --spectra              # CPU regime, 2 seeds: 8 runs, about 10 min on 2 loaded cores
+    uv run probe_nme.py --spectra              # CPU regime, 2 seeds: 8 runs, 11 min on 2 loaded cores
     uv run probe_nme.py --spectra --plot-only  # redraw the PNG and the eigenvalue CSV from the nodes CSV
 
 Writes <out>/probe_nme_spectra.csv (a row per run: configuration and results), .nodes.csv (tidy: a row
@@ -324,8 +324,8 @@ def spectra_summary(eigs: list[dict]) -> None:
     groups: dict = {}
     for r in eigs:
         groups.setdefault((r["method"], r["activation"], r["operator"], r["step"]), []).append(r)
-    print(f"{'method':12} {'act':5} {'op':4} {'epoch':>6} {'λmax':>9} {'λmin':>9} {'λmax/λGN':>9} {'λmin/λGN':>9} "
-          f"{'μ(<-ε)':>8} {'μ(>ε)':>8}")
+    print(f"{'method':12} {'act':5} {'op':4} {'epoch':>6} {'λmax':>9} {'λmin':>9} {'λmax/λGN':>9} "
+          f"{'λmin/λGN':>9} {'μ(<-ε)':>8} {'μ(>ε)':>8}")
     for (method, act, op, step), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "sgd", kv[0])):
         mean = lambda q: float(np.mean([r[q] for r in rs]))  # noqa: E731
         ratio = lambda q: float(np.mean([r[q] / r["lam_gn_max"] for r in rs]))  # noqa: E731

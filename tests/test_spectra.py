@@ -218,7 +218,8 @@ def measure(reps=10):
         n = mats["H"].shape[0]
         print(f"n = {n}; L1 error of the density (σ = 0.01 of the range), |error| of λ_max and λ_min of start 0 "
               f"over the spectral radius; mean of {reps} draws")
-        print(f"{'op':4} {'starts':>6} {'steps':>5} {'products':>8} {'L1 density':>10} {'λmax err':>9} {'λmin err':>9}")
+        print(f"{'op':4} {'starts':>6} {'steps':>5} {'products':>8} {'L1 density':>10} {'λmax err':>9} "
+              f"{'λmin err':>9}")
         for o, A in mats.items():
             eig = np.linalg.eigvalsh(A)
             radius = np.abs(eig).max()
@@ -258,12 +259,7 @@ def measure_mlp256(reps=20, products=30):
     run = common.setup(cfg, 0, data)
     xb, yb = data.probe_batch(512)
     act = common.Activation("gelu")
-    static = common.skeleton(run.spec.net)
-
-    def zoo(a, p, xx):
-        model = common.with_act(common.eqx.nn.inference_mode(common.eqx.combine(p, static)), a)
-        return common.apply(model, run.bn_state, xx)[0].astype(jnp.float32)
-
+    zoo = common.inference_net(run.spec.net, run.bn_state)
     xb = common.normalize(jnp.asarray(xb), data.spec.mean, data.spec.std)
     for f in (hutchpp, hutchinson):
         est = jax.jit(lambda p, k: f(flat_operators(zoo, act, twin(act), p, xb, jnp.asarray(yb))[0]["GN"], k,
