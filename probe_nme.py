@@ -201,10 +201,14 @@ def spectra_main(cfg: Config) -> None:
                                                      else cfg.paper_seeds)
     if seeds < 1 or cfg.first_seed < 0:
         raise common.ConfigError(f"--seeds must be >= 1 and --first-seed >= 0, got {seeds} and {cfg.first_seed}")
-    bad = [o for o in cfg.spectra_operators if o not in common.OPERATORS]
-    if bad or cfg.spectra_starts < 1 or cfg.spectra_steps < 3 or not all(0 < f <= 1 for f in cfg.spectra_at):
-        raise common.ConfigError(f"--spectra-operators must be among {' '.join(common.OPERATORS)}, "
-                                 "--spectra-starts >= 1, --spectra-steps >= 3 and --spectra-at in (0, 1]")
+    checks = {"--spectra-operators": (all(o in common.OPERATORS for o in cfg.spectra_operators),
+                                      f"names among {' '.join(common.OPERATORS)}"),
+              "--spectra-starts": (cfg.spectra_starts >= 1, "an integer >= 1"),
+              "--spectra-steps": (cfg.spectra_steps >= 3, "an integer >= 3"),
+              "--spectra-at": (all(0 < f <= 1 for f in cfg.spectra_at), "fractions in (0, 1]")}
+    for flag, (ok, accepted) in checks.items():
+        if not ok:
+            raise common.ConfigError(f"{flag} must be {accepted}, got {getattr(cfg, flag[2:].replace('-', '_'))}")
     common.use_compile_cache(cfg.compile_cache)
     settings = spectra_runs(cfg, base)
     if cfg.smoke:

@@ -274,3 +274,26 @@ if __name__ == "__main__":
     import sys
 
     measure_mlp256() if sys.argv[1:] == ["mlp256"] else measure()
+
+
+@pytest.mark.slow
+@pytest.mark.optimized
+def test_probe_nme_spectra_smoke(tmp_path, capsys):
+    """probe_nme.py --spectra --smoke end to end: every run's row, the nodes of every run × step × operator ×
+    node, the eigenvalue CSV and the PNG; a rerun trains nothing and adds no node."""
+    from test_figures import cli, load
+
+    script = load("probe_nme")
+    argv = ["--spectra", "--smoke", "--spectra-steps", "5", "--out", str(tmp_path)]
+    with jax.enable_x64(False):
+        assert cli(script, argv) == 0
+        runs, nodes = (common.read_rows(tmp_path / f"probe_nme_spectra{s}.csv") for s in ("", ".nodes"))
+        # 2 methods × 2 activations; 4 smoke steps: spectra at steps 1, 2, 4; 3 operators; 2 starts × 5 nodes
+        assert len(runs) == 4 and len(nodes) == 4 * 3 * 3 * 2 * 5
+        assert len(common.read_rows(tmp_path / "probe_nme_spectra.eigs.csv")) == 4 * 3 * 3
+        assert (tmp_path / "probe_nme_spectra.png").exists()
+        capsys.readouterr()
+        assert cli(script, argv) == 0
+        assert "0 of 4 runs to do" in capsys.readouterr().out
+        assert len(common.read_rows(tmp_path / "probe_nme_spectra.nodes.csv")) == len(nodes)
+        assert cli(script, argv[:-2] + ["--spectra-at", "0", "--out", str(tmp_path)]) == 2
