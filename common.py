@@ -311,6 +311,27 @@ def recorded_support(net: Callable, act: Callable, params: PyTree, x: jax.Array,
     return support
 
 
+OPERATORS = ("H", "GN", "NME", "H_twin", "phi2")  # phi2 = H − H_twin, the φ″ part of the NME (§6)
+
+
+def flat_operators(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x: jax.Array,
+                   y: jax.Array) -> tuple[dict[str, Callable], int]:
+    """({name: matvec} for every name in OPERATORS, n): the probe's symmetric operators on the
+    batch-mean cross-entropy of `net(act, params, x)` (MATH.md §1, §6), as products with flat
+    vectors of n = number of parameters (ravel_pytree order), in float32 or wider."""
+    logits_fn = lambda p: net(act, p, x)
+    loss_fn = lambda p: cross_entropy(logits_fn(p), y)
+    twin_loss_fn = lambda p: cross_entropy(net(twin_act, p, x), y)
+    flat, unravel = ravel_pytree(params)
+    ftype = jnp.promote_types(flat.dtype, jnp.float32)
+    flat_op = lambda op: (lambda v: ravel_pytree(op(unravel(v.astype(flat.dtype))))[0].astype(ftype))
+    h = flat_op(lambda v: hvp(loss_fn, params, v))
+    gn = flat_op(lambda v: gnvp(logits_fn, y, params, v))
+    h_twin = flat_op(lambda v: hvp(twin_loss_fn, params, v))
+    ops = {"H": h, "GN": gn, "NME": lambda v: h(v) - gn(v), "H_twin": h_twin, "phi2": lambda v: h(v) - h_twin(v)}
+    return ops, flat.shape[0]
+
+
 def probe(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x: jax.Array, y: jax.Array,
           key: jax.Array, *, beta=1.0, samples: int = 8, iters: int = 20, support=recorded_support
           ) -> dict[str, jax.Array]:
@@ -355,15 +376,13 @@ def probe(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x: j
     phi2 = jax.tree.map(jnp.subtract, hg, hvp(twin_loss_fn, params, g_hat))
     hg_norm, gng_norm = tree_norm(hg), tree_norm(gng)
 
-    flat, unravel = ravel_pytree(params)
-    ftype = jnp.promote_types(flat.dtype, jnp.float32)
-    flat_op = lambda op: (lambda v: ravel_pytree(op(unravel(v.astype(flat.dtype))))[0].astype(ftype))
-    h_op = flat_op(lambda v: hvp(loss_fn, params, v))
-    gn_op = flat_op(lambda v: gnvp(logits_fn, y, params, v))
+    ops, n = flat_operators(net, act, twin_act, params, x, y)
+    h_op, gn_op = ops["H"], ops["GN"]
+    ftype = jnp.promote_types(ravel_pytree(params)[0].dtype, jnp.float32)
 
     # All random draws up front ((1 + samples) × n normals): three PRNG calls, each costly to compile.
     k_normal, k_labels = jax.random.split(key)
-    normal = jax.random.normal(k_normal, (1 + samples,) + flat.shape, ftype)  # Lanczos start, then ε's
+    normal = jax.random.normal(k_normal, (1 + samples, n), ftype)  # Lanczos start, then ε's
     y_hat = jax.random.categorical(k_labels, logp, shape=(samples,) + y.shape)
 
     def sampled_label_trace(labels):
@@ -385,6 +404,82 @@ def probe(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x: j
         "lam_h": lam_h, "lam_gn": lam_gn,
     } | {f"support_{i}": s for i, s in enumerate(support(net, act, params, x, beta))}
     return {name: v.astype(ftype) for name, v in out.items()}
+
+
+#### Spectra (MATH.md §8) ######################################################################
+# Spectral densities (stochastic Lanczos quadrature), extreme eigenvalues and Hutch++ traces of any
+# symmetric operator given as a matvec on flat vectors, and the probe's operators in that form.
+
+
+def rademacher(key: jax.Array, shape: tuple, dtype=jnp.float32) -> jax.Array:
+    """Independent ±1 entries: start and probe vectors with E[vvᵀ] = I and a fixed norm."""
+    return jax.random.rademacher(key, shape, dtype)
+
+
+def slq(matvec: Callable[[jax.Array], jax.Array], key: jax.Array, n: int, *, starts: int = 4, steps: int = 40,
+        dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """Stochastic Lanczos quadrature of the symmetric operator A = `matvec` on R^n (MATH.md §8):
+    (nodes, weights), each [starts, steps]. Row i is the Gauss rule of `steps` Lanczos steps
+    (`lanczos_tridiagonal`) from the i-th Rademacher start v_i: Ritz values θ_ij and weights
+    u_ij[0]², so that Σ_j w_ij θ_ijᵖ = v_iᵀAᵖv_i/‖v_i‖² for p ≤ 2·steps − 1, unbiased for tr(Aᵖ)/n.
+    Steps past an exhausted Krylov space carry weight 0."""
+    v = rademacher(key, (starts, n), dtype)
+    T = jax.lax.map(lambda v0: lanczos_tridiagonal(matvec, v0, steps), v)
+    theta, U = jnp.linalg.eigh(T)
+    return theta, jnp.square(U[:, 0, :])
+
+
+def slq_density(nodes: jax.Array, weights: jax.Array, grid: jax.Array, sigma) -> jax.Array:
+    """The SLQ density (1/k) Σ_i Σ_j w_ij N(λ; θ_ij, σ²) on `grid`: the spectral measure of A, each
+    eigenvalue of mass 1/n, smoothed by a Gaussian of width σ; integrates to 1."""
+    z = (grid[None, None, :] - nodes[..., None]) / sigma
+    pdf = jnp.exp(-0.5 * jnp.square(z)) / (sigma * math.sqrt(2 * math.pi))
+    return jnp.mean(jnp.sum(weights[..., None] * pdf, axis=1), axis=0)
+
+
+def ritz_extremes(nodes: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(k largest ascending, k smallest ascending) Ritz values of one Lanczos run (nodes, weights
+    [steps]): approximations from inside of the k largest and k most negative eigenvalues. Values
+    of steps past an exhausted Krylov space (weight 0) are left out; too few live ones give NaN."""
+    live = weights > 0
+    top = jnp.sort(jnp.where(live, nodes, -jnp.inf))[-k:]
+    bottom = jnp.sort(jnp.where(live, nodes, jnp.inf))[:k]
+    return jnp.where(jnp.isfinite(top), top, jnp.nan), jnp.where(jnp.isfinite(bottom), bottom, jnp.nan)
+
+
+def hutchinson(matvec: Callable[[jax.Array], jax.Array], key: jax.Array, n: int, products: int,
+               dtype=jnp.float32) -> jax.Array:
+    """tr(A) ≈ the mean of vᵀAv over `products` Rademacher vectors: unbiased."""
+    v = rademacher(key, (products, n), dtype)
+    return jnp.mean(jax.lax.map(lambda u: jnp.vdot(u, matvec(u)), v))
+
+
+def hutchpp(matvec: Callable[[jax.Array], jax.Array], key: jax.Array, n: int, products: int,
+            dtype=jnp.float32) -> jax.Array:
+    """Hutch++ (Meyer, Musco, Musco & Woodruff 2021; MATH.md §8) with `products` ≥ 3 products of A:
+    Q = orth(A S) from s = products//3 Rademacher vectors, tr(QᵀAQ) exactly (s products), and
+    Hutchinson on (I − QQᵀ)A(I − QQᵀ) with the products − 2s left. Unbiased for any symmetric A; far
+    below Hutchinson's variance when A is PSD with a decaying spectrum."""
+    s = products // 3
+    if s < 1:
+        raise ValueError(f"hutchpp needs products >= 3, got {products}")
+    k_sketch, k_rest = jax.random.split(key)
+    Q, _ = jnp.linalg.qr(jax.lax.map(matvec, rademacher(k_sketch, (s, n), dtype)).T)  # [n, s]
+    exact = jnp.sum(Q.T * jax.lax.map(matvec, Q.T))
+    G = rademacher(k_rest, (products - 2 * s, n), dtype)
+    G = G - (G @ Q) @ Q.T
+    return exact + jnp.mean(jax.lax.map(lambda u: jnp.vdot(u, matvec(u)), G))
+
+
+def spectra(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x: jax.Array, y: jax.Array,
+            key: jax.Array, *, operators: tuple[str, ...] = ("H", "GN", "NME"), starts: int = 4, steps: int = 40
+            ) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{operator: slq(...) (nodes, weights)} of each named operator of `flat_operators`, all from
+    the same `starts` Rademacher starts (paired across operators). The extreme eigenvalues are
+    `ritz_extremes` of a row; the density is `slq_density`."""
+    ops, n = flat_operators(net, act, twin_act, params, x, y)
+    dtype = jnp.promote_types(ravel_pytree(params)[0].dtype, jnp.float32)
+    return {name: slq(ops[name], key, n, starts=starts, steps=steps, dtype=dtype) for name in operators}
 
 
 #### Update rules (MATH.md §3) ###################################################################
@@ -1726,14 +1821,22 @@ def with_act(model, act):
     return map_acts(model, lambda _: act)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("samples", "iters"))
-def probe_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, samples=8, iters=20):
-    """`probe` of the model in inference mode on the batch (x uint8 NHWC, y): a dict of scalars."""
+def inference_net(net: NetSpec, bn_state) -> Callable:
+    """The model as the probe's `net(act, params, x) -> logits`: inference mode, every activation `act`."""
     static = skeleton(net)
 
     def zoo(act, p, xb):
         model = with_act(eqx.nn.inference_mode(eqx.combine(p, static)), act)
         return apply(model, bn_state, xb)[0].astype(jnp.float32)
+
+    return zoo
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("samples", "iters"))
+def probe_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, samples=8, iters=20):
+    """`probe` of the model in inference mode on the batch (x uint8 NHWC, y): a dict of scalars."""
+    static = skeleton(net)
+    zoo = inference_net(net, bn_state)
 
     def support(_, act, p, xb, beta):  # per example inside vmap, then the batch mean (no tracer escapes)
         def one(xi):
@@ -1751,6 +1854,16 @@ def probe_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, sa
     act = Activation(net.activation, beta)
     return probe(zoo, act, twin(act), params, normalize(x, mean, std), y, key, beta=beta, samples=samples,
                  iters=iters, support=support)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("operators", "starts", "steps"))
+def spectra_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, operators=("H", "GN", "NME"),
+                 starts=4, steps=40):
+    """`spectra` of the model in inference mode on the batch (x uint8 NHWC, y): {operator: (nodes,
+    weights)}, each [starts, steps]."""
+    act = Activation(net.activation, beta)
+    return spectra(inference_net(net, bn_state), act, twin(act), params, normalize(x, mean, std), y, key,
+                   operators=operators, starts=starts, steps=steps)
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -2167,11 +2280,23 @@ def evaluate(run: Run, data, opts: RunOptions = RunOptions()) -> dict:
 PROBE_BATCH = 512
 
 
+def _rows_upto(path, run: Run) -> list[dict]:
+    """This run's rows of a per-step CSV up to the step it starts from; its rows past it (a run
+    restarted without its checkpoint) are dropped from the file (process 0 writes)."""
+    rows = read_rows(path)
+    ident = row_key(run.identity)
+    kept = [r for r in rows if row_key(r) != ident or int(r["step"]) <= run.step]
+    if jax.process_index() == 0 and len(kept) < len(rows):
+        _write_rows(path, kept, list(rows[0]))
+    return [r for r in kept if row_key(r) == ident]
+
+
 class Prober:
     """The curvature probe as fit's callback: on a fixed batch of about PROBE_BATCH training images
     (a multiple of the device count), one row per call appended to `path` (the run's identity, step,
     epoch and every probe value); `last` keeps the latest values. Rows of this run past the step it
-    starts from (a run restarted without its checkpoint) are dropped; those up to it are kept."""
+    starts from (a run restarted without its checkpoint) are dropped; those up to it are kept. With
+    `path` None it only holds the batch (for SpectraProber)."""
 
     def __init__(self, run: Run, data, path):
         n = jax.device_count()
@@ -2180,14 +2305,11 @@ class Prober:
         self.x, self.y = _global(run.mesh, *(a[i * share:(i + 1) * share] for a in data.probe_batch(size)))
         self.net, self.spec, self.path, self.last = run.spec.net, data.spec, path, {}
         self.key = jax.random.fold_in(jax.random.key(run.seed), 1 << 30)  # apart from the step keys
-        rows = read_rows(path)
-        ident = row_key(run.identity)
-        kept = [r for r in rows if row_key(r) != ident or int(r["step"]) <= run.step]
-        ours = [r for r in kept if row_key(r) == ident]
+        if path is None:
+            return
+        ours = _rows_upto(path, run)
         if ours:  # resumed: the values of its last probe so far
             self.last = {k: float(v) for k, v in ours[-1].items() if k not in ID_FIELDS + ("step", "epoch")}
-        if jax.process_index() == 0 and len(kept) < len(rows):
-            _write_rows(path, kept, list(rows[0]))
 
     def __call__(self, run: Run) -> None:
         got = probe_step(self.net, self.spec.mean, self.spec.std, run.params, run.bn_state, run.hp.beta,
@@ -2196,6 +2318,30 @@ class Prober:
         if jax.process_index() == 0:
             append_rows(self.path, [run.identity | {"step": run.step, "epoch": run.step / run.steps_per_epoch}
                                     | self.last])
+
+
+class SpectraProber(Prober):
+    """The spectra (MATH.md §8) as fit's callback, on the Prober's fixed batch: at the steps in `at`
+    (every call if None), `spectra_step` of each operator, appended to `path` as one row per
+    (operator, start, node): the run's identity, step, epoch, operator, start, node, theta, weight."""
+
+    def __init__(self, run: Run, data, path, *, at=None, operators=("H", "GN", "NME"), starts=4, steps=40):
+        super().__init__(run, data, None)
+        self.path, self.at, self.kw = path, at, dict(operators=tuple(operators), starts=starts, steps=steps)
+        _rows_upto(path, run)
+
+    def __call__(self, run: Run) -> None:
+        if self.at is not None and run.step not in self.at:
+            return
+        got = spectra_step(self.net, self.spec.mean, self.spec.std, run.params, run.bn_state, run.hp.beta,
+                           self.x, self.y, jax.random.fold_in(self.key, run.step), **self.kw)
+        got = {name: (np.asarray(nodes, np.float64), np.asarray(w, np.float64)) for name, (nodes, w) in got.items()}
+        if jax.process_index() == 0:
+            head = run.identity | {"step": run.step, "epoch": run.step / run.steps_per_epoch}
+            append_rows(self.path, [head | {"operator": name, "start": i, "node": j, "theta": nodes[i, j],
+                                            "weight": w[i, j]}
+                                    for name, (nodes, w) in got.items()
+                                    for i in range(nodes.shape[0]) for j in range(nodes.shape[1])])
 
 
 METRICS = ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "diverged", "steps", "wall_s")

@@ -16,38 +16,36 @@ probe_*), probe_nme.curves.csv (a row per probe), .png (one panel per quantity, 
 mean ± 1 sample sd over seeds against the epoch) and .config.json; <out> is
 runs/probe_nme/<dataset>-<model>/ unless --out says.
 
-CPU-regime result (results/; mlp256 on 1,024 Fashion-MNIST images with 30% label noise, 50 epochs,
-2 seeds, 20 probes per run on the first 512 training images; 234 s on 2 CPU cores). Means over the
-probes of training (`--plot-only` prints them):
+With --spectra: the spectra of H, GN and NME = H − GN (MATH.md §8) at three points of training (5%,
+50% and 100% of its steps) for relu and gelu under sgd and gp_p1 at ρ = 0.3, on the same probe batch:
 
-    method  activation   φ″ share  NME share  RMS ‖∇_z L‖  support
-    sgd     relu         0          0.038      0.29         0.68
-    sgd     relu_aug     0.061      0.075      0.30         0.68
-    sgd     gelu_dim     0          0.040      0.29         0.68
-    sgd     gelu         0.100      0.110      0.29         0.68
-    sgd     β-GELU β=4   0.140      0.146      0.27         0.195
-    sgd     β-GELU β=16  0.207      0.212      0.29         0.049
-    gp_p1   relu         0          0.054      0.40         0.69
-    gp_p1   gelu         0.121      0.139      0.40         0.69
+    uv run probe_nme.py --spectra              # CPU regime, 2 seeds: 8 runs, 11 min on 2 loaded cores
+    uv run probe_nme.py --spectra --plot-only  # redraw the PNG and the eigenvalue CSV from the nodes CSV
 
-As MATH.md §6 predicts: the φ″ share is exactly 0 for relu and gelu_dim at every probe (they are
-their own twins), and positive for gelu, relu_aug and β-GELU. The support of φ″ falls like 1/β
-(0.68, 0.195, 0.049 at β = 1, 4, 16: ratios 3.5 and 4.0), while the φ″ share grows with β: the
-NME becomes sparse and spiky. The φ″ share is most of the NME share for the smooth activations;
-what remains (relu's 0.04) is the cross-layer second derivatives. Under sgd the RMS logit gradient
-falls from 0.77 to 0.05 as the noisy labels are memorised, and gelu's φ″ share from 0.13 to 0.05;
-gp keeps the logit gradient at 0.15-0.18 at the end, and with it gelu's φ″ share at 0.09. relu_aug
-and gelu_dim train exactly as relu and gelu under sgd (identical test accuracies), since SGD uses
-first derivatives only.
+Writes <out>/probe_nme_spectra.csv (a row per run: configuration and results), .nodes.csv (tidy: a row
+per run × step × operator × start × Lanczos node, with its Ritz value `theta` and quadrature `weight`:
+the whole SLQ measure, from which everything else is drawn), .eigs.csv (a row per run × step ×
+operator: the 3 largest and 3 most negative Ritz values of start 0, the masses below −ε and above ε,
+ε = 0.01 λ_max(GN) of the same run and step, and the SLQ trace estimate), .png (log-density per
+operator and run setting at each point, seeds pooled; symmetric axis for the NME) and .config.json.
+
+Measured numbers (the probe's means over training, and what the spectra show) are in README.md,
+"The mechanism: the curvature probe"; `--plot-only` prints them again.
 """
 
 import dataclasses
+import functools
 import math
+import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 import common
+
+# Training-set sizes, for the step count of a run before its data is loaded (a subset caps them).
+TRAIN_SIZES = {"fashion_mnist": 60_000, "cifar10": 50_000, "imagenet": 1_281_167}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +56,24 @@ class Config(common.Flags):
     rho: float = 0.1  # of gp_p1
     probes: int = 20  # per run, evenly spaced
     cpu_seeds: int = 2
+    spectra: bool = False  # the spectra of H, GN and NME instead of the probe (MATH.md §8)
+    spectra_activations: tuple[str, ...] = ("relu", "gelu")
+    spectra_methods: tuple[str, ...] = ("sgd", "gp_p1")
+    spectra_rho: float = 0.3  # of gp_p1
+    spectra_at: tuple[float, ...] = (0.05, 0.5, 1.0)  # fractions of a run's steps
+    spectra_operators: tuple[str, ...] = ("H", "GN", "NME")
+    spectra_starts: int = 2  # SLQ starts per operator (MATH.md §8: n ≈ 2·10⁵ makes each one nearly exact)
+    spectra_steps: int = 40  # Lanczos steps per start; the extremes come from start 0
+
+
+def total_steps(base: common.TrainConfig) -> int:
+    """A run's step count, as `common.setup` computes it, without loading its data."""
+    n_train = min(base.train_subset or math.inf, TRAIN_SIZES[base.dataset])
+    return max(1, int(round(base.epochs * (n_train // base.batch_size))))
 
 
 def runs(cfg: Config, base: common.TrainConfig) -> list[common.TrainConfig]:
-    n_train = common.load_data(base, cfg.workers, cfg.data_dir).n_train
-    every = max(1, round(base.epochs * (n_train // base.batch_size)) // cfg.probes)
+    every = max(1, total_steps(base) // cfg.probes)
     acts = [(a, b) for a in cfg.activations for b in (cfg.betas if a == "beta_gelu" else (1.0,))]
     return [dataclasses.replace(base, activation=a, beta=b, method=m, rho=0.0 if m == "sgd" else cfg.rho,
                                 probe_every=every) for m in cfg.methods for a, b in acts]
@@ -145,8 +156,194 @@ def summary(rows: list[dict], curves_path) -> None:
               f"{c['lam_h'][1][-1]:8.2f}")
 
 
+#### Spectra (--spectra) ###########################################################################
+NAME = "probe_nme_spectra"
+EPS = 0.01  # of λ_max(GN): the NME's masses below −ε and above ε
+
+
+def spectra_paths(out: Path) -> dict[str, Path]:
+    return {k: out / f"{NAME}{suffix}" for k, suffix in
+            (("runs", ".csv"), ("nodes", ".nodes.csv"), ("eigs", ".eigs.csv"), ("png", ".png"))}
+
+
+def spectra_steps(total: int, fractions) -> tuple[int, list[int]]:
+    """(probe_every, the steps whose spectra are taken): the fractions of `total` rounded to
+    multiples of their greatest common divisor, so that fit's callback lands on each."""
+    at = sorted({max(1, min(total, round(f * total))) for f in fractions})
+    every = functools.reduce(math.gcd, at)
+    return every, at
+
+
+def spectra_runs(cfg: Config, base: common.TrainConfig) -> list[common.TrainConfig]:
+    every, _ = spectra_steps(total_steps(base), cfg.spectra_at)
+    return [dataclasses.replace(base, activation=a, method=m, rho=0.0 if m == "sgd" else cfg.spectra_rho,
+                                probe_every=every) for m in cfg.spectra_methods for a in cfg.spectra_activations]
+
+
+def spectra_row(cfg: Config, nodes_path, tc: common.TrainConfig, seed: int, opts: common.RunOptions) -> dict:
+    """One run: `common.train`'s setup, fit and evaluate, with the spectra as fit's callback."""
+    t0 = time.perf_counter()
+    data = common.load_data(tc, opts.workers, opts.data_dir)
+    run = common.setup(tc, seed, data, opts)
+    _, at = spectra_steps(run.total, cfg.spectra_at)
+    probe = common.SpectraProber(run, data, nodes_path, at=set(at), operators=cfg.spectra_operators,
+                                 starts=cfg.spectra_starts, steps=cfg.spectra_steps)
+    run = common.fit(run, data, opts, probe)
+    out = {"steps": run.step, "diverged": run.diverged,
+           "train_loss": float(np.mean(run.losses)) if run.losses else math.nan} | common.evaluate(run, data, opts)
+    return {k: out.get(k) for k in common.METRICS if k != "wall_s"} | {"wall_s": time.perf_counter() - t0}
+
+
+def spectra_main(cfg: Config) -> None:
+    """--spectra: the figure scripts' flow (flags -> runs -> CSV -> plot) with the spectra callback."""
+    base, opts = common.resolve(cfg)
+    seeds = cfg.seeds if cfg.seeds is not None else (cfg.cpu_seeds if cfg.dataset == "fashion_mnist"
+                                                     else cfg.paper_seeds)
+    if seeds < 1 or cfg.first_seed < 0:
+        raise common.ConfigError(f"--seeds must be >= 1 and --first-seed >= 0, got {seeds} and {cfg.first_seed}")
+    checks = {"--spectra-operators": (all(o in common.OPERATORS for o in cfg.spectra_operators),
+                                      f"names among {' '.join(common.OPERATORS)}"),
+              "--spectra-starts": (cfg.spectra_starts >= 1, "an integer >= 1"),
+              "--spectra-steps": (cfg.spectra_steps >= 3, "an integer >= 3"),
+              "--spectra-at": (all(0 < f <= 1 for f in cfg.spectra_at), "fractions in (0, 1]")}
+    for flag, (ok, accepted) in checks.items():
+        if not ok:
+            raise common.ConfigError(f"{flag} must be {accepted}, got {getattr(cfg, flag[2:].replace('-', '_'))}")
+    common.use_compile_cache(cfg.compile_cache)
+    settings = spectra_runs(cfg, base)
+    if cfg.smoke:
+        settings, seeds = common.smoke_runs(settings), 1
+    for tc in settings:
+        common.validate(tc)
+    out = common.output_dir(cfg.out, common.default_out(__file__, f"{base.dataset}-{base.model}"))
+    paths = spectra_paths(out)
+    if not cfg.plot_only:
+        common.check_setup(paths["runs"], settings)
+        if jax.process_index() == 0:
+            common.write_config(out, NAME, cfg, base)
+        todo = [(tc, s) for s in range(cfg.first_seed, cfg.first_seed + seeds) for tc in settings]
+        common.sweep(paths["runs"], todo, opts, run_one=functools.partial(spectra_row, cfg, paths["nodes"]))
+    if jax.process_index() == 0:
+        nodes = common.read_rows(paths["nodes"])
+        if not nodes:
+            raise common.ConfigError(f"--out: no spectra in {paths['nodes']}")
+        eigs = eigenvalues(nodes)
+        paths["eigs"].unlink(missing_ok=True)  # derived from the nodes: rewritten whole
+        common.append_rows(paths["eigs"], eigs)
+        plot_spectra(nodes, paths["png"])
+        spectra_summary(eigs)
+        print(f"{NAME}: plotted {paths['png']}")
+
+
+def measures(nodes: list[dict]) -> dict:
+    """{(method, activation, step, operator): (epoch, {(seed, start): (theta [m], weight [m])})}."""
+    out: dict = {}
+    for r in nodes:
+        method, act = setting(r)
+        cell = out.setdefault((method, act, int(r["step"]), r["operator"]), (float(r["epoch"]), {}))[1]
+        th, w = cell.setdefault((int(r["seed"]), int(r["start"])), ([], []))
+        th.append(float(r["theta"]))
+        w.append(float(r["weight"]))
+    return {k: (e, {s: (np.array(t), np.array(w)) for s, (t, w) in cell.items()}) for k, (e, cell) in out.items()}
+
+
+def eigenvalues(nodes: list[dict], k: int = 3) -> list[dict]:
+    """A row per run setting × seed × step × operator: the k largest and k most negative live Ritz
+    values of start 0, the SLQ masses μ((−∞, −ε)) and μ((ε, ∞)) with ε = EPS · λ_max(GN) of the same
+    run and step, and the SLQ estimate of tr(A)/n (means over starts)."""
+    m = measures(nodes)
+    rows = []
+    for (method, act, step, op), (epoch, by_start) in sorted(m.items()):
+        for seed in sorted({s for s, _ in by_start}):
+            gn = m.get((method, act, step, "GN"), (0, {}))[1].get((seed, 0))
+            lam_gn = float(gn[0][gn[1] > 0].max()) if gn else math.nan
+            eps = EPS * lam_gn
+            starts = [v for (s, _), v in sorted(by_start.items()) if s == seed]
+            th, w = by_start[seed, 0]
+            live = np.sort(th[w > 0])
+            row = {"method": method, "activation": act, "seed": seed, "step": step, "epoch": epoch, "operator": op,
+                   "lam_gn_max": lam_gn, "eps": eps,
+                   "mass_below_eps": float(np.mean([w[t < -eps].sum() for t, w in starts])),
+                   "mass_above_eps": float(np.mean([w[t > eps].sum() for t, w in starts])),
+                   "trace_over_n": float(np.mean([(w * t).sum() for t, w in starts]))}
+            row |= {f"top_{i + 1}": float(live[-1 - i]) if i < len(live) else math.nan for i in range(k)}
+            row |= {f"bottom_{i + 1}": float(live[i]) if i < len(live) else math.nan for i in range(k)}
+            rows.append(row)
+    return rows
+
+
+def density(by_start: dict, grid: np.ndarray, sigma: float) -> np.ndarray:
+    """The SLQ density (common.slq_density) pooled over seeds and starts."""
+    nodes = np.stack([t for t, _ in by_start.values()])
+    weights = np.stack([w for _, w in by_start.values()])
+    return np.asarray(common.slq_density(nodes, weights, grid, sigma))
+
+
+SIGMA = 0.01  # smoothing width, as a fraction of the plotted range (MATH.md §8)
+
+
+def plot_spectra(nodes: list[dict], png_path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = measures(nodes)
+    ops = [o for o in common.OPERATORS if any(k[3] == o for k in m)]
+    settings = sorted({k[:2] for k in m}, key=lambda s: (s[0] != "sgd", s[0], s[1] != "relu", s[1]))
+    steps = sorted({k[2] for k in m})
+    fig, axes = plt.subplots(len(ops), len(settings), figsize=(3.6 * len(settings), 2.8 * len(ops)), squeeze=False)
+    for row, op in zip(axes, ops):
+        theta = np.concatenate([t for k, (_, c) in m.items() if k[3] == op for t, w in c.values()])
+        lo, hi = theta.min(), theta.max()
+        if op in ("NME", "phi2"):
+            lo, hi = -max(-lo, hi), max(-lo, hi)  # symmetric: the negative side against the positive
+        pad = 0.05 * (hi - lo)
+        grid = np.linspace(lo - pad, hi + pad, 801)
+        sigma = SIGMA * (hi - lo)
+        for ax, (method, act) in zip(row, settings):
+            for step in steps:
+                if (method, act, step, op) in m:
+                    epoch, by_start = m[method, act, step, op]
+                    ax.plot(grid, np.maximum(density(by_start, grid, sigma), 1e-12), lw=1, label=f"epoch {epoch:g}")
+            ax.set_yscale("log")
+            ax.set_ylim(1e-8 / (hi - lo), None)
+            ax.set_title(f"{op}: {method}, {act}", fontsize=9)
+            ax.set_xlabel("λ", fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("SLQ density (log)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    r = nodes[0]
+    fig.suptitle(f"Spectra of H, GN and NME = H − GN over training, {r['dataset']} {r['model']}, "
+                 f"label noise {float(r['label_noise']):g}, seeds {len({x['seed'] for x in nodes})} pooled "
+                 f"(SLQ, σ = {SIGMA:g} of the range)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def spectra_summary(eigs: list[dict]) -> None:
+    """Per setting, step and operator, means over seeds: λ_max, λ_min, both over λ_max(GN), and the
+    masses beyond ±ε."""
+    groups: dict = {}
+    for r in eigs:
+        groups.setdefault((r["method"], r["activation"], r["operator"], r["step"]), []).append(r)
+    print(f"{'method':12} {'act':5} {'op':4} {'epoch':>6} {'λmax':>9} {'λmin':>9} {'λmax/λGN':>9} "
+          f"{'λmin/λGN':>9} {'μ(<-ε)':>8} {'μ(>ε)':>8}")
+    for (method, act, op, step), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "sgd", kv[0])):
+        mean = lambda q: float(np.mean([r[q] for r in rs]))  # noqa: E731
+        ratio = lambda q: float(np.mean([r[q] / r["lam_gn_max"] for r in rs]))  # noqa: E731
+        print(f"{method:12} {act:5} {op:4} {rs[0]['epoch']:6.2f} {mean('top_1'):9.4g} {mean('bottom_1'):9.4g} "
+              f"{ratio('top_1'):9.3f} {ratio('bottom_1'):9.3f} {mean('mass_below_eps'):8.4f} "
+              f"{mean('mass_above_eps'):8.4f}")
+
+
 def main(argv=None):
-    common.run_script(__file__, Config, runs, plot, __doc__, argv)
+    cfg = common.parse_config(Config, argv, __doc__)
+    if cfg.spectra:
+        spectra_main(cfg)
+    else:
+        common.run_script(__file__, Config, runs, plot, __doc__, argv)
 
 
 if __name__ == "__main__":
