@@ -15,13 +15,15 @@ per core.
     uv run bench.py --configs cnn16:128:32:float32      # the timed CPU run of the README
     uv run bench.py --quick               # 5 steps per rule, a smoke run
     uv run bench.py --analyze             # FLOPs and peak memory per rule from XLA, compile only
+    uv run bench.py --reencode            # ImageNet decoding per core, original vs re-encoded folders (3 min)
     uv run --extra cuda13 bench.py        # GPU: adds wrn28_10 b128 and resnet50 b256 224², fp32 and bf16
 
 Writes <out>/bench_<platform>.csv: platform,model,dtype,method,step_ms,images_per_s,ratio_to_sgd,
 compile_s,peak_mem_mb (pipeline rows have method "pipeline:<name>" or "decode_per_core:<name>"), row
 by row, so an interrupted run keeps what it measured. With --analyze it only compiles each function
 and writes <out>/bench_<platform>_xla.csv: XLA's FLOP count and peak memory and their ratios to sgd,
-which no other load on the machine can disturb.
+which no other load on the machine can disturb. With --reencode it only measures the ImageNet transforms
+per core on original and re-encoded folders (`reencode_bench`) and writes <out>/bench_pipeline.csv.
 """
 
 import atexit
