@@ -449,3 +449,18 @@ def test_reencode_resumes_skips_done_and_redoes_changed(imagenet_dir, tmp_path):
     assert common.reencode(imagenet_dir, dst, side=64, workers=1)["done"] == 0
     with pytest.raises(ConfigError, match="made with"):
         common.reencode(imagenet_dir, dst, side=96, workers=1)
+
+
+def test_reencode_command_line(imagenet_dir, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, str(REPO / "common.py"), "reencode", *map(str, argv)],
+                              capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+    p = cli(imagenet_dir, tmp_path / "small", "--side", "64", "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    assert "41 files written, 0 already done" in p.stdout and _files(tmp_path / "small") == _files(imagenet_dir)
+    p = cli(imagenet_dir, tmp_path / "small", "--side", "16")
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--side 16" in p.stderr
