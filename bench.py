@@ -15,6 +15,7 @@ per core.
     uv run bench.py --configs cnn16:128:32:float32      # the timed CPU run of the README
     uv run bench.py --quick               # 5 steps per rule, a smoke run
     uv run bench.py --analyze             # FLOPs and peak memory per rule from XLA, compile only
+    uv run bench.py --reencode            # ImageNet decoding per core, original vs re-encoded folders (3 min)
     uv run --extra cuda13 bench.py        # GPU: adds wrn28_10 b128 and resnet50 b256 224², fp32 and bf16
     uv run bench.py --plan                # cost of each figure's paper setup (README), compile only
 
@@ -25,6 +26,8 @@ and writes <out>/bench_<platform>_xla.csv: XLA's FLOP count and peak memory and 
 which no other load on the machine can disturb. With --plan it prints what each figure script's
 paper setup costs (runs, steps, XLA's FLOPs per step of each rule at the paper's model, batch and
 resolution, accelerator-hours, peak memory per device), from the steps compiled into <out>/plan.csv.
+With --reencode it only measures the ImageNet transforms per core on original and re-encoded folders
+(`reencode_bench`) and writes <out>/bench_pipeline.csv.
 """
 
 import atexit
@@ -66,6 +69,7 @@ class Config:
     plan_devices: tuple[int, ...] = (1, 8)  # data-parallel devices the global batch is split over (memory)
     mfu: float = 0.4  # model FLOP utilisation assumed for the accelerator-hours
     compile_budget_s: float = 1800.0  # per compiled step; a step over budget is reported, not costed; 0: none
+    reencode: bool = False  # only the re-encoded ImageNet pipeline: <out>/bench_pipeline.csv (README)
 
 
 def default_configs(platform):
@@ -234,6 +238,93 @@ def pipelines(cfg, platform):
     return rows
 
 
+#### The re-encoded ImageNet pipeline (README "Re-encoding ImageNet") ###############################
+
+REENCODE_SIDES = (160, 192, 224, 256, 320)
+PIPELINE_COLUMNS = ("platform", "folder", "split", "transform", "images_per_s_per_core", "ratio_to_full_decode",
+                    "crop_resolution", "crop_not_upsampled")
+
+
+def crop_view(w, h, size=224, n=20_000):
+    """What the train crop of a w x h image sees, over n random-resized crops resized to size x size:
+    the mean fraction of the output's resolution backed by source pixels, min(1, cw/size) min(1, ch/size),
+    and the fraction of crops not upsampled in either axis."""
+    rng = np.random.default_rng(0)
+    boxes = np.array([common._random_resized_crop(w, h, rng) for _ in range(n)])
+    cw, ch = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return (float(np.mean(np.minimum(1, cw / size) * np.minimum(1, ch / size))),
+            float(np.mean((cw >= size) & (ch >= size))))
+
+
+def reencode_bench(cfg):
+    """Images/s per core (one process, CPU time, the median of 3 passes with every transform interleaved
+    image by image) of the ImageNet train and eval transforms on photo-like 500 x 375 JPEGs: full-size
+    decoding (the reference), this repo's transforms on the original files, and on copies re-encoded by
+    common.reencode at each shorter side of REENCODE_SIDES; the re-encode's own rate per core; and what
+    the 224 train crop still sees at each side (crop_view)."""
+    from PIL import Image
+
+    platform = jax.default_backend()
+    tmp = tempfile.mkdtemp(prefix="bench_reencode_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    n = 8 if cfg.quick else 48
+    for split in ("train", "val"):
+        for c in range(4):
+            d = os.path.join(tmp, "original", split, f"n{c:08d}")
+            os.makedirs(d)
+            for i in range(n // 4):
+                Image.fromarray(photo(rng, 375, 500)).save(os.path.join(d, f"{i}.JPEG"), quality=90)
+    folders = {"original": os.path.join(tmp, "original")}
+    rows = []
+    for side in REENCODE_SIDES:
+        dst = os.path.join(tmp, f"side{side}")
+        files = [(os.path.join(r, f), os.path.relpath(os.path.join(r, f), folders["original"]))
+                 for r, _, fs in os.walk(folders["original"]) for f in fs]
+        t = time.process_time()
+        for path, rel in files:
+            common._reencode_one((path, os.path.join(dst, rel), rel, side, 90))
+        rows.append(dict(folder=f"side{side}", split="-", transform="reencode",
+                         images_per_s_per_core=len(files) / (time.process_time() - t)))
+        folders[f"side{side}"] = dst
+    fns = {("original", "train", "full_decode"): lambda r: full_decode_train(r, np.random.default_rng(0)),
+           ("original", "eval", "full_decode"): full_decode_eval}
+    for name in folders:
+        fns[(name, "train", "repo")] = lambda r: common._imagenet_train(r, np.random.default_rng(0))
+        fns[(name, "eval", "repo")] = common._imagenet_eval
+    sources = {name: common.ImageFolder(root).sources["train"] for name, root in folders.items()}
+    rates = {k: [] for k in fns}
+    for _ in range(1 if cfg.quick else 3):
+        spent = dict.fromkeys(fns, 0.0)
+        for i in range(n):
+            for k, f in fns.items():
+                t = time.process_time()
+                f(sources[k[0]][i])
+                spent[k] += time.process_time() - t
+        for k in fns:
+            rates[k].append(n / spent[k])
+    for (name, split, transform), r in rates.items():
+        w, h = (500, 375) if name == "original" else (round(500 * int(name[4:]) / 375), int(name[4:]))
+        rate = statistics.median(r)
+        view = crop_view(w, h) if split == "train" else (None, None)
+        rows.append(dict(folder=name, split=split, transform=transform, images_per_s_per_core=rate,
+                         ratio_to_full_decode=rate / statistics.median(rates[("original", split, "full_decode")]),
+                         crop_resolution=view[0], crop_not_upsampled=view[1]))
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, "bench_pipeline.csv")
+    with open(path, "w") as out:
+        out.write(",".join(PIPELINE_COLUMNS) + "\n")
+        for row in rows:
+            row["platform"] = platform
+            out.write(",".join("" if row.get(c) is None else (f"{row[c]:.4g}" if isinstance(row[c], float)
+                                                              else str(row[c])) for c in PIPELINE_COLUMNS) + "\n")
+    for row in rows:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                       if v is not None))
+    print(f"wrote {path}")
+    return rows
+
+
 GPU_QUICK = dict(configs=("wrn28_10:128:32:float32", "wrn28_10:128:32:bfloat16", "resnet50:256:224:bfloat16"),
                  methods=("sgd", "gp_p1", "sam", "gn_trace", "hessian_trace"), steps=10, warmup=2)
 
@@ -242,6 +333,8 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, __doc__)
     if cfg.plan:
         return plan(cfg)
+    if cfg.reencode:
+        return reencode_bench(cfg)
     if cfg.quick:
         cfg = dataclasses.replace(cfg, steps=5, warmup=1, pipeline_batches=5)
     if cfg.gpu_quick:

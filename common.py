@@ -1398,52 +1398,62 @@ def _random_resized_crop(w, h, rng):
     return left, top, left + cw, top + ch
 
 
-def _imagenet_train(record, rng):
-    """Random-resized-crop to 224 + horizontal flip. The crop is drawn in original pixels first, then
-    the file is decoded at the largest scale-down that leaves the crop at least 224 px on each side,
-    so the resize never upsamples because of the reduction."""
+def _imagenet_train(record, rng, size=224):
+    """Random-resized crop (area 8-100%, aspect 3/4-4/3, `_random_resized_crop`) resized to size x size,
+    then a horizontal flip with probability 1/2. The crop is drawn in original pixels first, then the
+    file is decoded at the largest scale-down that leaves the crop at least `size` px on each side, so
+    the resize never upsamples because of the reduction."""
     path, label = record
     box = None
 
     def pick(w, h):
         nonlocal box
         box = _random_resized_crop(w, h, rng)
-        return _reduction(min(box[2] - box[0], box[3] - box[1]), 224)
+        return _reduction(min(box[2] - box[0], box[3] - box[1]), size)
 
     opened = _open_rgb(path, pick)
     if opened is None:
         return None
     im, r, _ = opened
-    im = im.resize((224, 224), Image.BILINEAR, box=tuple(c / r for c in box))
+    im = im.resize((size, size), Image.BILINEAR, box=tuple(c / r for c in box))
     if rng.random() < 0.5:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # 5x cheaper than NumPy's strided copy
     return np.asarray(im), np.int32(label)
 
 
-def _imagenet_eval(record):
-    """Resize the short side to 256, centre-crop 224; decoded at the smallest scale with a short side
-    of at least 256, and only the crop's region resized (the same sample points as resizing the
-    whole image and cropping)."""
+def eval_resize(size):
+    """The shorter side evaluation resizes to before its centre crop of `size`: the standard 256/224
+    ratio (256 at the paper's 224, 146 at 128, 73 at 64)."""
+    return round(size * 256 / 224)
+
+
+def _imagenet_eval(record, size=224):
+    """Resize the shorter side to eval_resize(size) (256 at 224), centre-crop size x size; decoded at the
+    smallest scale with a shorter side of at least that, and only the crop's region resized (the same
+    sample points as resizing the whole image and cropping)."""
     path, label = record
-    opened = _open_rgb(path, lambda w, h: _reduction(min(w, h), 256))
+    short = eval_resize(size)
+    opened = _open_rgb(path, lambda w, h: _reduction(min(w, h), short))
     if opened is None:
         return None
     im, r, (W, H) = opened
-    s = 256 / min(W, H)
-    w, h = max(224, round(W * s)), max(224, round(H * s))
-    left, top = (w - 224) // 2, (h - 224) // 2
+    s = short / min(W, H)
+    w, h = max(size, round(W * s)), max(size, round(H * s))
+    left, top = (w - size) // 2, (h - size) // 2
     sx, sy = W / w / r, H / h / r
-    box = (left * sx, top * sy, (left + 224) * sx, (top + 224) * sy)
-    return np.asarray(im.resize((224, 224), Image.BILINEAR, box=box)), np.int32(label)
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return np.asarray(im.resize((size, size), Image.BILINEAR, box=box)), np.int32(label)
 
 
-def imagenet_batches(source: _ImageFolder, split, batch_size, *, seed, num_epochs, start_step=0, workers=None):
-    """Batches (uint8 [b,224,224,3], int32 [b]) of one split of an ImageFolder.
+def imagenet_batches(source: _ImageFolder, split, batch_size, *, seed, num_epochs, start_step=0, workers=None,
+                     image_size=224):
+    """Batches (uint8 [b,S,S,3], int32 [b]) of one split of an ImageFolder, S = image_size.
 
-    split "train": reshuffled each epoch, random-resized-crop + flip with
+    split "train": reshuffled each epoch, random-resized-crop to S + flip with
     randomness fixed by (seed, position in the stream), batches run across
-    epoch boundaries. split "val": in order, one pass, resize-256 + centre
-    crop, last batch may be smaller, num_epochs ignored. The seed must be the
+    epoch boundaries. split "val": in order, one pass, resize the shorter side
+    to eval_resize(S) (256 at 224) + centre crop S, last batch may be smaller,
+    num_epochs ignored. The seed must be the
     same on every JAX process. Unreadable images are logged and skipped;
     resuming at start_step is exact only if none was skipped before it, and
     only with the same number of workers.
@@ -1467,7 +1477,7 @@ def imagenet_batches(source: _ImageFolder, split, batch_size, *, seed, num_epoch
         ds = ds.seed(seed).shuffle()[:n][index::count].repeat(num_epochs)
         # After the shard/repeat so each process and epoch draws new crops, and
         # before the resume slice so a resumed run draws the same ones.
-        ds = ds.random_map(_imagenet_train)
+        ds = ds.random_map(functools.partial(_imagenet_train, size=image_size))
         # Workers batch in shared memory, worker w from elements w, w+W, ...,
         # and take turns; so skip whole rounds of W batches by slicing and the
         # remaining batches by consuming them.
@@ -1479,7 +1489,8 @@ def imagenet_batches(source: _ImageFolder, split, batch_size, *, seed, num_epoch
         # Batching after the workers keeps the order and leaves one short
         # batch instead of one per worker (each short shape is a recompile).
         rest = 0
-        ds = ds[index::count].map(_imagenet_eval)[start_step * b :].to_iter_dataset(threads)
+        ds = ds[index::count].map(functools.partial(_imagenet_eval, size=image_size))
+        ds = ds[start_step * b :].to_iter_dataset(threads)
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=16))
         ds = ds.batch(b)
     it = iter(ds)
@@ -1513,11 +1524,13 @@ class InMemory:
 
 class ImageFolder:
     """An ImageNet-style folder, data_dir/{train,val}/<class>/*.JPEG, scanned once: the classes are
-    the folders under train/, in sorted order. Decoding runs in `workers` processes."""
+    the folders under train/, in sorted order. Decoding runs in `workers` processes; images come out
+    image_size x image_size (`imagenet_batches`). A folder re-encoded by `reencode` has the same
+    layout and works unchanged."""
 
     LAYOUT = "a folder holding train/<class>/*.JPEG and val/<class>/*.JPEG (e.g. --data-dir /data/imagenet)"
 
-    def __init__(self, data_dir, *, train_subset=None, test_subset=None, workers=None):
+    def __init__(self, data_dir, *, train_subset=None, test_subset=None, workers=None, image_size=224):
         if data_dir is None:
             raise ConfigError(f"--dataset imagenet needs --data-dir: {self.LAYOUT}")
         root = Path(data_dir)
@@ -1530,20 +1543,22 @@ class ImageFolder:
         for split, source in self.sources.items():
             if len(source) == 0:
                 raise ConfigError(f"--data-dir {data_dir}: no images under {root / split}; pass {self.LAYOUT}")
-        self.spec = DATASET_SPECS["imagenet"]._replace(num_classes=len(classes))
+        self.spec = DATASET_SPECS["imagenet"]._replace(num_classes=len(classes), shape=(image_size, image_size, 3))
         self.n_train, self.n_test = len(self.sources["train"]), len(self.sources["val"])
-        self.workers = workers
+        self.workers, self.image_size = workers, image_size
 
     def train(self, batch_size, *, seed, start_step=0, num_epochs=None):
         return imagenet_batches(self.sources["train"], "train", batch_size, seed=seed, num_epochs=num_epochs,
-                                start_step=start_step, workers=self.workers)
+                                start_step=start_step, workers=self.workers, image_size=self.image_size)
 
     def test(self, batch_size):
-        return imagenet_batches(self.sources["val"], "val", batch_size, seed=0, num_epochs=1, workers=self.workers)
+        return imagenet_batches(self.sources["val"], "val", batch_size, seed=0, num_epochs=1, workers=self.workers,
+                                image_size=self.image_size)
 
     def probe_batch(self, n):
         """The first n readable training images of the folder, centre-cropped as for evaluation."""
-        got = [r for r in (_imagenet_eval(self.sources["train"][i]) for i in range(min(2 * n, self.n_train))) if r]
+        got = [r for r in (_imagenet_eval(self.sources["train"][i], self.image_size)
+                           for i in range(min(2 * n, self.n_train))) if r]
         return np.stack([x for x, _ in got[:n]]), np.array([y for _, y in got[:n]], np.int32)
 
     def train_eval(self, batch_size):
@@ -1563,7 +1578,8 @@ def _noisy(y, fraction, num_classes):
 def load_data(cfg, workers=None, data_dir=None):
     """The dataset of a TrainConfig (subsets and label noise applied) as InMemory or ImageFolder."""
     if cfg.dataset == "imagenet":
-        return ImageFolder(data_dir, train_subset=cfg.train_subset, test_subset=cfg.test_subset, workers=workers)
+        return ImageFolder(data_dir, train_subset=cfg.train_subset, test_subset=cfg.test_subset, workers=workers,
+                           image_size=cfg.image_size)
     spec = DATASET_SPECS[cfg.dataset]
     x_tr, y_tr, x_te, y_te = _load_small_cached(cfg.dataset, data_dir)
     x_tr, y_tr = x_tr[: cfg.train_subset], y_tr[: cfg.train_subset]
@@ -1574,6 +1590,137 @@ def load_data(cfg, workers=None, data_dir=None):
 
 
 _load_small_cached = functools.lru_cache(maxsize=2)(load_small)  # a sweep decodes the files once
+
+
+REENCODE_SIDE = 256  # README "Re-encoding ImageNet": per-core rate against what the 224 crop still sees
+REENCODE_MANIFEST = "reencode_manifest.csv"
+_MANIFEST_COLUMNS = ("path", "size", "mtime_ns", "sha256", "width", "height", "out_width", "out_height")
+
+
+def _reencode_one(task):
+    """Re-encode one file (worker process): shorter side down to `side` (never up), RGB, JPEG at
+    `quality`; a file already small enough and RGB JPEG is copied byte for byte, and an unreadable one
+    too (the pipeline logs and skips it, as it would the original). Written to a temporary name and
+    renamed, so a kill leaves no partial image. Returns its manifest row."""
+    src, dst, rel, side, quality = task
+    st = os.stat(src)
+    with open(src, "rb") as f:
+        raw = f.read()
+    row = {"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(raw).hexdigest(),
+           "width": 0, "height": 0, "out_width": 0, "out_height": 0}
+    out = raw
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            w, h = im.size
+            tw, th = (w, h) if min(w, h) <= side else (max(1, round(w * side / min(w, h))),
+                                                       max(1, round(h * side / min(w, h))))
+            if (tw, th) != (w, h) or im.format != "JPEG" or im.mode != "RGB":
+                im.draft("RGB", (tw, th))  # DCT-domain reduction to no less than the target
+                im = im.convert("RGB")
+                if im.size != (tw, th):
+                    im = im.resize((tw, th), Image.LANCZOS)
+                buf = io.BytesIO()
+                im.save(buf, "JPEG", quality=quality)
+                out = buf.getvalue()
+            row.update(width=w, height=h, out_width=tw, out_height=th)
+    except Exception as e:  # PIL raises many types on corrupt files; copied as is
+        logging.warning("reencode: copying unreadable image %s unchanged: %s", src, e)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.part{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(out)
+    os.replace(tmp, dst)
+    return row
+
+
+def _read_manifest(path) -> dict:
+    """{relative path: its last row} of a manifest; a partial last line (a kill mid-write) is cut."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data[: data.rfind(b"\n") + 1]
+    if len(keep) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    return {r["path"]: r for r in csv.DictReader(io.StringIO(keep.decode()))}
+
+
+def reencode(src, dst, side: int = REENCODE_SIDE, workers: int | None = None, quality: int = 90,
+             log_every_s: float = 30.0) -> dict:
+    """Copy the ImageFolder `src` (train/<class>/*, val/<class>/*) to `dst` with the same layout and
+    file names, every image's shorter side reduced to `side` px (never enlarged), once, in `workers`
+    processes (default: one per core). dst/reencode_manifest.csv records each source file's path, size,
+    mtime, SHA-256 and its sizes before and after, a row appended as each file is done; a rerun (after
+    an interruption, or on a grown source) skips a file whose row matches its size and mtime (or, if
+    only the mtime changed, its SHA-256) and whose output exists, and redoes a changed one. dst made at
+    another side is refused. Returns counts {"files", "done", "skipped"}.
+
+    Point --data-dir at dst: the train random-resized crop and the eval resize run unchanged, on files
+    that decode several times faster (README "Re-encoding ImageNet")."""
+    import multiprocessing
+
+    src, dst = Path(src), Path(dst)
+    for d in (src / "train", src / "val"):
+        if not d.is_dir():
+            raise ConfigError(f"reencode SRC {src}: {d} does not exist; pass {ImageFolder.LAYOUT}")
+    if side < 32 or not 1 <= quality <= 100:
+        raise ConfigError(f"reencode --side {side} must be >= 32 and --quality {quality} within 1..100")
+    if src.resolve() == dst.resolve():
+        raise ConfigError(f"reencode DST {dst}: must differ from SRC")
+    dst.mkdir(parents=True, exist_ok=True)
+    settings, made = {"side": side, "quality": quality}, dst / "reencode.json"
+    if made.exists() and (old := json.loads(made.read_text())) != settings:
+        raise ConfigError(f"reencode DST {dst}: made with {old}, not {settings}; pass another DST")
+    made.write_text(json.dumps(settings))
+    manifest = dst / REENCODE_MANIFEST
+    done = _read_manifest(manifest)
+
+    refreshed = []  # rows of files whose mtime alone changed: recorded so the next run skips the hash
+
+    def unchanged(path, rel, st):
+        row = done.get(rel)
+        if row is None or int(row["size"]) != st.st_size or not (dst / rel).is_file():
+            return False
+        if int(row["mtime_ns"]) == st.st_mtime_ns:
+            return True
+        if _file_digest(path, "sha256") != row["sha256"]:
+            return False
+        refreshed.append(row | {"mtime_ns": st.st_mtime_ns})
+        return True
+
+    tasks, files = [], 0
+    for split in ("train", "val"):
+        for cls in sorted(e.name for e in os.scandir(src / split) if e.is_dir()):
+            for e in sorted(os.scandir(src / split / cls), key=lambda e: e.name):
+                if e.is_file():
+                    files += 1
+                    rel = f"{split}/{cls}/{e.name}"
+                    if not unchanged(e.path, rel, e.stat()):
+                        tasks.append((e.path, str(dst / rel), rel, side, quality))
+    if not workers:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    print(f"reencode: {files - len(tasks)} of {files} files already done; {len(tasks)} to do in {workers} "
+          f"processes -> {dst}", flush=True)
+    fresh = not manifest.exists() or manifest.stat().st_size == 0
+    t0 = last = time.perf_counter()
+    with open(manifest, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_MANIFEST_COLUMNS)
+        if fresh:
+            w.writeheader()
+        w.writerows(refreshed)
+        if not tasks:
+            return {"files": files, "done": 0, "skipped": files}
+        # spawn, not fork: the parent has JAX's threads running
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for i, row in enumerate(pool.imap_unordered(_reencode_one, tasks, chunksize=16), 1):
+                w.writerow(row)
+                f.flush()
+                if time.perf_counter() - last > log_every_s or i == len(tasks):
+                    last = time.perf_counter()
+                    os.fsync(f.fileno())
+                    print(f"  {i} of {len(tasks)}  {i / (last - t0):,.0f} images/s", flush=True)
+    return {"files": files, "done": len(tasks), "skipped": files - len(tasks)}
 
 
 #### Training ######################################################################################
@@ -1647,6 +1794,8 @@ class TrainConfig:
     dtype: str = setting("float32", one_of(("float32", "bfloat16")), help="bfloat16: bf16 compute, fp32 "
                          "parameters/optimizer/BN/loss/norms")
     probe_every: int = setting(0, at_least(0), help="curvature probe every N steps (0: never)")
+    image_size: int = setting(224, at_least(32), help="ImageNet only: the train and eval crop side (224: the "
+                              "paper's; 64 or 128: downsampled ImageNet); ≥ 32, ResNet-50's output stride")
 
 
 
@@ -1723,6 +1872,8 @@ def validate(cfg) -> None:
         value, check = getattr(cfg, f.name), f.metadata.get("check")
         if check and value is not None and (accepted := check(value)):
             raise ConfigError(f"--{f.name.replace('_', '-')}: got {value!r}; accepted: {accepted}")
+    if isinstance(cfg, TrainConfig) and cfg.image_size != 224 and cfg.dataset != "imagenet":
+        raise ConfigError(f"--image-size: applies to --dataset imagenet only, not {cfg.dataset}")
 
 
 class NetSpec(NamedTuple):
@@ -3150,3 +3301,25 @@ def report_verdicts(rows: list[dict], claims, path) -> list[dict]:
         print(format_verdict(line), flush=True)
     write_verdicts(path, lines)
     return lines
+
+
+#### Command line of the library ###################################################################
+
+
+def _main(argv=None) -> None:
+    """uv run common.py reencode SRC DST [--side N] [--workers N] [--quality Q]"""
+    p = _Parser(prog="common.py", description="One-time jobs of the library.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reencode", help=reencode.__doc__.split("\n\n")[0])
+    r.add_argument("src", help="ImageNet folder (train/<class>/*.JPEG, val/<class>/*.JPEG)")
+    r.add_argument("dst", help="new folder, same layout; pass it as --data-dir")
+    r.add_argument("--side", type=int, default=REENCODE_SIDE, help=f"shorter side in px (default {REENCODE_SIDE})")
+    r.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    r.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    a = p.parse_args(argv)
+    got = reencode(a.src, a.dst, a.side, a.workers, a.quality)
+    print(f"reencode: {got['done']} files written, {got['skipped']} already done, {got['files']} in {a.dst}")
+
+
+if __name__ == "__main__":
+    run_cli(_main)

@@ -120,3 +120,24 @@ def test_plan_bad_flags_exit_2(bench, capsys):
         with pytest.raises(SystemExit) as e:
             common.run_cli(lambda: bench.main(argv))
         assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_reencode_bench_writes_its_rows(bench, tmp_path):
+    rows = bench.main(["--reencode", "--quick", "--out", str(tmp_path)])
+    got = list(csv.DictReader(open(tmp_path / "bench_pipeline.csv")))
+    assert list(got[0]) == list(bench.PIPELINE_COLUMNS) and len(got) == len(rows)
+    sides = [f"side{s}" for s in bench.REENCODE_SIDES]
+    assert [r["folder"] for r in got if r["transform"] == "reencode"] == sides
+    timed = {(r["folder"], r["split"], r["transform"]): r for r in got if r["transform"] != "reencode"}
+    assert set(timed) == {("original", s, t) for s in ("train", "eval") for t in ("full_decode", "repo")} | {
+        (f, s, "repo") for f in sides for s in ("train", "eval")}
+    assert all(float(r["images_per_s_per_core"]) > 0 for r in got)
+    assert float(timed[("original", "train", "full_decode")]["ratio_to_full_decode"]) == 1.0
+    kept = [float(timed[(f, "train", "repo")]["crop_resolution"]) for f in sides]
+    assert kept == sorted(kept) and kept[-1] < float(timed[("original", "train", "repo")]["crop_resolution"])
+
+
+def test_crop_view(bench):
+    assert bench.crop_view(5000, 3750, n=2000) == (1.0, 1.0)  # every crop is at least 224 px on each side
+    resolution, full = bench.crop_view(112, 112, n=2000)
+    assert full == 0.0 and resolution <= 0.25 + 1e-9  # every crop at most half the output on each side

@@ -1,6 +1,8 @@
+import csv
 import hashlib
 import io
 import logging
+import os
 import pickle
 import shutil
 import tarfile
@@ -334,3 +336,131 @@ def test_label_noise_moves_a_fixed_fraction_to_other_classes():
     np.testing.assert_array_equal(noisy, common._noisy(y, 0.3, 10))  # the same for every run
     counts = np.bincount((noisy - y)[noisy != y] % 10, minlength=10)
     assert counts[0] == 0 and counts[1:].min() > 15  # moved to every other class
+
+
+# ---- --image-size ------------------------------------------------------------
+
+
+def test_image_size_sets_the_pipeline_shapes(imagenet_dir):
+    data = ImageFolder(imagenet_dir, workers=0, image_size=64)
+    assert data.spec.shape == (64, 64, 3)
+    for xb, yb in list(data.train(4, seed=0, num_epochs=1)) + list(data.test(6)):
+        assert xb.shape[1:] == (64, 64, 3) and xb.dtype == np.uint8 and _labels_match_pixels(xb, yb)
+    assert data.probe_batch(3)[0].shape == (3, 64, 64, 3)
+    cfg = common.for_dataset("imagenet", model="tiny", image_size=48)
+    assert common.load_data(cfg, workers=0, data_dir=imagenet_dir).spec.shape == (48, 48, 3)
+
+
+def test_image_size_eval_is_resize_and_centre_crop(tmp_path):
+    """The eval transform at size S equals an independent reference: decode at full size, resize the
+    shorter side to round(S × 256/224), centre-crop S. Noise images of 60-105 px (no reduced decoding
+    below 2 × 55 px), so any shifted or rescaled sample point shows; the two differ by rounding."""
+    assert [common.eval_resize(s) for s in (224, 128, 64, 48)] == [256, 146, 73, 55]
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        h, w = rng.integers(60, 106, 2)
+        path = tmp_path / f"{i}.JPEG"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=95)
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+        w, h = max(48, round(w * 55 / min(w, h))), max(48, round(h * 55 / min(w, h)))
+        left, top = (w - 48) // 2, (h - 48) // 2
+        want = np.asarray(im.resize((w, h), Image.BILINEAR).crop((left, top, left + 48, top + 48)), np.float32)
+        got, y = common._imagenet_eval((str(path), 3), 48)
+        assert got.shape == (48, 48, 3) and y == 3
+        assert np.abs(got.astype(np.float32) - want).max() <= 2
+
+
+def test_image_size_is_checked_and_imagenet_only():
+    common.validate(common.for_dataset("imagenet", model="tiny", image_size=32))
+    with pytest.raises(ConfigError, match="--image-size"):
+        common.validate(common.for_dataset("imagenet", model="tiny", image_size=16))
+    with pytest.raises(ConfigError, match="--image-size applies to --dataset imagenet only"):
+        common.validate(common.for_dataset("cifar10", model="tiny", image_size=64))
+
+
+def test_committed_rows_without_image_size_keep_their_identity():
+    """CSVs written before the field existed count a missing column as its default, 224."""
+    rows = list(csv.DictReader(open(REPO / "results" / "fig4_aug_dim.csv")))
+    assert "image_size" not in rows[0]
+    assert common.row_key(rows[0]) == common.row_key(rows[0] | {"image_size": "224"})
+    assert common.row_key(rows[0]) != common.row_key(rows[0] | {"image_size": "64"})
+
+
+# ---- reencode ------------------------------------------------------------------
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for split in ("train", "val") for p in (Path(root) / split).rglob("*.JPEG"))
+
+
+def test_reencode_keeps_the_layout_and_writes_the_manifest(imagenet_dir, tmp_path):
+    dst = tmp_path / "small"
+    got = common.reencode(imagenet_dir, dst, side=64, workers=2, log_every_s=0)
+    assert got == {"files": 41, "done": 41, "skipped": 0}
+    assert _files(dst) == _files(imagenet_dir)
+    manifest = {r["path"]: r for r in csv.DictReader(open(dst / common.REENCODE_MANIFEST))}
+    assert sorted(manifest) == _files(imagenet_dir)
+    for rel, row in manifest.items():
+        raw = (imagenet_dir / rel).read_bytes()
+        assert int(row["size"]) == len(raw) and row["sha256"] == hashlib.sha256(raw).hexdigest()
+        if rel.endswith("corrupt.JPEG"):  # copied unchanged: the pipeline skips it as before
+            assert (dst / rel).read_bytes() == raw
+            continue
+        with Image.open(imagenet_dir / rel) as a, Image.open(dst / rel) as b:
+            (w, h), (w2, h2) = a.size, b.size
+            assert (int(row["width"]), int(row["height"]), int(row["out_width"]), int(row["out_height"])) == (
+                w, h, w2, h2)
+            assert b.format == "JPEG" and b.mode == "RGB"
+            if min(w, h) <= 64:
+                assert (w2, h2) == (w, h)
+            else:
+                assert min(w2, h2) == 64 and (w2, h2) == (round(w * 64 / min(w, h)), round(h * 64 / min(w, h)))
+            assert abs(np.asarray(a, np.float32).mean() - np.asarray(b, np.float32).mean()) < 1.0
+    data = ImageFolder(dst, workers=0, image_size=32)  # the pipeline runs unchanged on it
+    for xb, yb in data.train(4, seed=0, num_epochs=1):
+        assert xb.shape == (4, 32, 32, 3) and _labels_match_pixels(xb, yb)
+
+
+def test_reencode_resumes_skips_done_and_redoes_changed(imagenet_dir, tmp_path):
+    dst = tmp_path / "small"
+    common.reencode(imagenet_dir, dst, side=64, workers=1)
+    manifest = dst / common.REENCODE_MANIFEST
+    lines = manifest.read_text().splitlines(keepends=True)
+    # Killed: the last 3 rows never written, the one before half written.
+    manifest.write_text("".join(lines[:-4]) + lines[-4][:20])
+    lost = {line.split(",")[0] for line in lines[-4:]}
+    kept = [line.split(",")[0] for line in lines[1:-4]]
+    changed, touched, deleted = kept[0], kept[1], kept[2]
+    with Image.open(imagenet_dir / changed) as im:
+        Image.fromarray(255 - np.asarray(im)).save(imagenet_dir / changed)  # new content, new size
+    os.utime(imagenet_dir / touched, ns=(1, 1))  # new mtime, same bytes
+    (dst / deleted).unlink()
+    before = {rel: (dst / rel).stat().st_mtime_ns for rel in kept[3:]}
+    got = common.reencode(imagenet_dir, dst, side=64, workers=1)
+    assert got == {"files": 41, "done": len(lost) + 2, "skipped": 41 - len(lost) - 2}
+    assert {rel: (dst / rel).stat().st_mtime_ns for rel in kept[3:]} == before  # not rewritten
+    rows = {r["path"]: r for r in csv.DictReader(open(manifest))}
+    assert sorted(rows) == _files(imagenet_dir)
+    assert rows[changed]["sha256"] == hashlib.sha256((imagenet_dir / changed).read_bytes()).hexdigest()
+    with Image.open(imagenet_dir / changed) as a, Image.open(dst / changed) as b:
+        assert abs(np.asarray(a.resize(b.size), np.float32).mean() - np.asarray(b, np.float32).mean()) < 1.0
+    assert rows[touched]["mtime_ns"] == str((imagenet_dir / touched).stat().st_mtime_ns)  # hashed once, not again
+    assert common.reencode(imagenet_dir, dst, side=64, workers=1)["done"] == 0
+    with pytest.raises(ConfigError, match="made with"):
+        common.reencode(imagenet_dir, dst, side=96, workers=1)
+
+
+def test_reencode_command_line(imagenet_dir, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, str(REPO / "common.py"), "reencode", *map(str, argv)],
+                              capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+    p = cli(imagenet_dir, tmp_path / "small", "--side", "64", "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    assert "41 files written, 0 already done" in p.stdout and _files(tmp_path / "small") == _files(imagenet_dir)
+    p = cli(imagenet_dir, tmp_path / "small", "--side", "16")
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--side 16" in p.stderr
