@@ -1,15 +1,18 @@
 """Library for the reproduction of Dauphin, Agarwala & Mobahi (2024), "Neglected Hessian component
 explains mysteries in Sharpness regularization" (arXiv 2401.10809).
 
-Sections: activations, curvature, update rules, models, data, train step, results I/O.
+Sections, each using only those above it, in the order the data flows:
+    activations -> curvature -> curvature probe -> spectra -> update rules   (the math)
+    -> models -> data -> configuration -> training -> results
+    -> sweeps and the command line -> plots -> verdicts -> scripts (a figure script's main).
 MATH.md defines every quantity and the three corrections to the paper; equation numbers are the paper's.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import atexit
+import collections
 import csv
 import dataclasses
 import functools
@@ -52,7 +55,7 @@ class ConfigError(Exception):
     """Bad user input; a script turns it into one line on stderr and exit code 2."""
 
 
-#### Activations (Sections 4.3-4.4, MATH.md §2) ###################################################
+#### Activations (Sections 4.3-4.4, MATH.md §2) ####################################################
 # Each is an elementwise f(x, beta) whose value and first two AD derivatives are exactly MATH.md §2's
 # table under every AD path; beta is the width of φ″ and may be a traced array (a β sweep compiles
 # once). The custom ones use jax.custom_jvp (a custom_vjp has no forward mode and would break the
@@ -60,7 +63,10 @@ class ConfigError(Exception):
 # that differentiating the rule once more gives the second derivative we define. No rule
 # differentiates with respect to beta: its tangent is dropped.
 
+
 _SQRT2 = math.sqrt(2.0)
+
+
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
@@ -172,12 +178,18 @@ def map_acts(model, fn):
     return jax.tree.map(lambda a: fn(a) if is_act(a) else a, model, is_leaf=is_act)
 
 
+def with_act(model, act):
+    """`model` with every Activation replaced by `act`, any elementwise callable (the probe's twin and
+    its recording wrapper)."""
+    return map_acts(model, lambda _: act)
+
+
 def with_beta(model, beta):
     """`model` with every Activation's beta replaced (by a traced array inside the step)."""
     return map_acts(model, lambda a: Activation(a.name, beta))
 
 
-#### Curvature (Eq. 2, MATH.md §1) ################################################################
+#### Curvature (Eq. 2, MATH.md §1) #################################################################
 # All for the batch-mean softmax cross-entropy; vectors are parameter pytrees. Nothing materialises
 # a matrix: each product costs a small constant number of forward/backward passes.
 
@@ -243,7 +255,49 @@ def gn_trace_estimate(logits_fn: Callable, params: PyTree, key: jax.Array) -> ja
     return z.shape[0] * tree_dot(g, g)
 
 
-#### Curvature probe (MATH.md §6) #################################################################
+def _hashable(v):
+    try:
+        hash(v)
+        return v
+    except TypeError:
+        return ("id", id(v))
+
+
+def cse(fn: Callable) -> Callable:
+    """fn traced to a jaxpr, equations that repeat a pure computation on the same inputs merged
+    (common-subexpression elimination), and evaluated: the same values and derivatives as fn.
+
+    Nested JVPs compute the first-order stream twice: the inner JVP's tangent ẋ and the outer JVP's
+    tangent x′ of the primal are the same numbers. XLA merges the two forward copies, but reverse
+    mode through the nested JVPs gives each copy its own cotangent and its own backward pass;
+    merging them in the jaxpr first leaves three streams for reverse mode instead of four (the
+    README's speed section has the FLOPs). Equations with effects stay, and so do repeated
+    custom-JVP calls, whose rules are distinct objects on each call.
+    """
+
+    def merged(*args):
+        with jax.disable_jit():  # inline jitted library functions, so that their equations can merge
+            closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        alias, seen, eqns = {}, {}, []
+        new = lambda v: v if isinstance(v, jax.extend.core.Literal) else alias.get(v, v)
+        for eqn in closed.jaxpr.eqns:
+            invars = [new(v) for v in eqn.invars]
+            key = (eqn.primitive,
+                   tuple((repr(v.val), v.aval) if isinstance(v, jax.extend.core.Literal) else v for v in invars),
+                   tuple(sorted((k, _hashable(p)) for k, p in eqn.params.items())))
+            if key in seen and not eqn.effects:
+                alias.update(zip(eqn.outvars, seen[key]))
+            else:
+                seen[key] = eqn.outvars
+                eqns.append(eqn.replace(invars=invars))
+        jaxpr = closed.jaxpr.replace(eqns=eqns, outvars=[new(v) for v in closed.jaxpr.outvars])
+        out = jax.core.eval_jaxpr(jaxpr, closed.consts, *jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+    return merged
+
+
+#### Curvature probe (MATH.md §6) ##################################################################
 # What the NME does during training: Hessian, Gauss-Newton and NME products along the gradient, the
 # φ″ part of the NME (against the activation's twin), traces with standard errors, λ_max, and the
 # support of φ″, on a fixed probe batch.
@@ -406,7 +460,7 @@ def probe(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x: j
     return {name: v.astype(ftype) for name, v in out.items()}
 
 
-#### Spectra (MATH.md §8) ######################################################################
+#### Spectra (MATH.md §8) ##########################################################################
 # Spectral densities (stochastic Lanczos quadrature), extreme eigenvalues and Hutch++ traces of any
 # symmetric operator given as a matvec on flat vectors, and the probe's operators in that form.
 
@@ -482,7 +536,7 @@ def spectra(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x:
     return {name: slq(ops[name], key, n, starts=starts, steps=steps, dtype=dtype) for name in operators}
 
 
-#### Update rules (MATH.md §3) ###################################################################
+#### Update rules (MATH.md §3) #####################################################################
 # Every rule is rule(loss_fn, params, state, batch, key, hp) -> Step, where
 #   loss_fn(params, state, batch) -> (mean cross-entropy L0, (new_state, logits))
 # runs the model in training mode (BatchNorm on batch statistics), batch = (x, y), and hp is the
@@ -583,48 +637,6 @@ def weight_noise(loss_fn, params, state, batch, key, hp) -> Step:
     noisy = jax.tree.map(lambda w, e: w + (std * e).astype(w.dtype), params, tree_normal(key, params))
     loss, state, g = _grad(loss_fn, noisy, state, batch)
     return Step(g, state, loss)
-
-
-def _hashable(v):
-    try:
-        hash(v)
-        return v
-    except TypeError:
-        return ("id", id(v))
-
-
-def cse(fn: Callable) -> Callable:
-    """fn traced to a jaxpr, equations that repeat a pure computation on the same inputs merged
-    (common-subexpression elimination), and evaluated: the same values and derivatives as fn.
-
-    Nested JVPs compute the first-order stream twice: the inner JVP's tangent ẋ and the outer JVP's
-    tangent x′ of the primal are the same numbers. XLA merges the two forward copies, but reverse
-    mode through the nested JVPs gives each copy its own cotangent and its own backward pass;
-    merging them in the jaxpr first leaves three streams for reverse mode instead of four (the
-    README's speed section has the FLOPs). Equations with effects stay, and so do repeated
-    custom-JVP calls, whose rules are distinct objects on each call.
-    """
-
-    def merged(*args):
-        with jax.disable_jit():  # inline jitted library functions, so that their equations can merge
-            closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        alias, seen, eqns = {}, {}, []
-        new = lambda v: v if isinstance(v, jax.extend.core.Literal) else alias.get(v, v)
-        for eqn in closed.jaxpr.eqns:
-            invars = [new(v) for v in eqn.invars]
-            key = (eqn.primitive,
-                   tuple((repr(v.val), v.aval) if isinstance(v, jax.extend.core.Literal) else v for v in invars),
-                   tuple(sorted((k, _hashable(p)) for k, p in eqn.params.items())))
-            if key in seen and not eqn.effects:
-                alias.update(zip(eqn.outvars, seen[key]))
-            else:
-                seen[key] = eqn.outvars
-                eqns.append(eqn.replace(invars=invars))
-        jaxpr = closed.jaxpr.replace(eqns=eqns, outvars=[new(v) for v in closed.jaxpr.outvars])
-        out = jax.core.eval_jaxpr(jaxpr, closed.consts, *jax.tree.leaves(args))
-        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
-
-    return merged
 
 
 def hessian_trace(loss_fn, params, state, batch, key, hp) -> Step:
@@ -746,6 +758,8 @@ class BN(eqx.Module):
 # from fixed-size draws of one compiled generator, and layers are built abstractly (eval_shape, no
 # compute) before their weights are set.
 _CHUNK = 1 << 16
+
+
 _draw = jax.jit(lambda key: jax.random.normal(key, (_CHUNK,)))
 
 
@@ -1087,6 +1101,7 @@ def decay_mask(model) -> PyTree:
 # decoding for ImageNet); the small-image augmentation and normalisation run on the device inside
 # the jitted step (`augment_small`, `normalize`).
 
+
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
 
 
@@ -1108,7 +1123,10 @@ DATASET_SPECS = {
     ),
 }
 
+
 FMNIST_DIR = Path(__file__).parent / "data" / "fashion-mnist"
+
+
 # SHA-256 of the gz files as shipped in Debian's dataset-fashion-mnist package.
 FMNIST_SHA256 = {
     "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
@@ -1116,8 +1134,14 @@ FMNIST_SHA256 = {
     "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
     "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
 }
+
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+
 CIFAR10_DIR = Path(__file__).parent / "data"  # holds cifar-10-batches-py/
 
 
@@ -1593,7 +1617,11 @@ _load_small_cached = functools.lru_cache(maxsize=2)(load_small)  # a sweep decod
 
 
 REENCODE_SIDE = 256  # README "Re-encoding ImageNet": per-core rate against what the 224 crop still sees
+
+
 REENCODE_MANIFEST = "reencode_manifest.csv"
+
+
 _MANIFEST_COLUMNS = ("path", "size", "mtime_ns", "sha256", "width", "height", "out_width", "out_height")
 
 
@@ -1723,11 +1751,11 @@ def reencode(src, dst, side: int = REENCODE_SIDE, workers: int | None = None, qu
     return {"files": files, "done": len(tasks), "skipped": files - len(tasks)}
 
 
-#### Training ######################################################################################
-# One jitted step over a mesh of all devices: the batch is sharded on the "data" axis, parameters,
-# optimizer and BatchNorm state are replicated, so BatchNorm statistics and ‖g‖ cover the global
-# batch (global view: XLA inserts the all-reduces). The step is compiled once per StepSpec, the
-# hashable description of what its code depends on; every Hyper scalar is an array input.
+#### Configuration (MATH.md §4-§5) #################################################################
+# What a run trains, whole, in one place: TrainConfig (every field with its default, its check and
+# its flag: `setting`), the three setups (SETUPS), and a run's identity (its fields and seed) as the
+# CSV rows, resume, checkpoints and plots compare it.
+
 
 def setting(default, check: Callable[[Any], str | None] | None = None, *, flag: bool = True, array: bool = False,
             help: str = ""):
@@ -1798,7 +1826,6 @@ class TrainConfig:
                               "paper's; 64 or 128: downsampled ImageNet); ≥ 32, ResNet-50's output stride")
 
 
-
 _ARRAYS = [f for f in dataclasses.fields(TrainConfig) if f.metadata["array"]]
 
 
@@ -1812,6 +1839,7 @@ class Hyper(collections.namedtuple("Hyper", [f.name for f in _ARRAYS], defaults=
     @classmethod
     def of(cls, cfg) -> "Hyper":
         return cls(*(jnp.float32(getattr(cfg, f)) for f in cls._fields))
+
 
 # Every setup, whole (MATH.md §4). A script's runs set activation, beta, method, rho and sigma2; a
 # script may change its setup (its Config's `overrides`), and a flag given changes both.
@@ -1832,7 +1860,11 @@ SETUPS = {
         weight_decay=1e-4, decay_norm_and_bias=False, warmup_epochs=5.0, augment=False, train_subset=None,
         test_subset=None, label_noise=0.0, dtype="float32", probe_every=0),
 }
+
+
 CPU_SETUP = "fashion_mnist"  # the setup sized for a CPU; the others are the paper's, for an accelerator
+
+
 # --smoke on any dataset: a tiny model, one epoch (and one seed, the ends of each sweep: `run_script`).
 SMOKE = dict(model="mlp16", train_subset=256, test_subset=512, batch_size=64, epochs=1)
 
@@ -1874,6 +1906,55 @@ def validate(cfg) -> None:
             raise ConfigError(f"--{f.name.replace('_', '-')}: got {value!r}; accepted: {accepted}")
     if isinstance(cfg, TrainConfig) and cfg.image_size != 224 and cfg.dataset != "imagenet":
         raise ConfigError(f"--image-size: applies to --dataset imagenet only, not {cfg.dataset}")
+
+
+def identity(cfg: TrainConfig, seed: int) -> dict:
+    """A run's identity, as its CSV row records it."""
+    return {"seed": seed} | dataclasses.asdict(cfg)
+
+
+ID_FIELDS = ("seed",) + tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _fmt(v) -> str:
+    if v is None or v == "":
+        return ""  # how the CSV stores None
+    if isinstance(v, bool):
+        return str(v)
+    try:
+        return repr(float(v))  # 0.1, "0.1" and 1e-1 are one value; 50 and "50.0" too
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def row_key(row: dict, fields=ID_FIELDS) -> tuple:
+    """The identity of a row, compared as text; a column the row lacks (a CSV written before the
+    field existed) counts as the field's default."""
+    return tuple(_fmt(row[f] if f in row else _DEFAULTS.get(f)) for f in fields)
+
+
+def _field(c, f: str) -> str:
+    """Field f of a TrainConfig or a row, as `row_key` compares it."""
+    return _fmt(getattr(c, f) if isinstance(c, TrainConfig) else c.get(f, _DEFAULTS.get(f)))
+
+
+def varying(configs, fields=ID_FIELDS[1:]) -> list[str]:
+    """The `fields` (by default the TrainConfig's) whose values differ among `configs` (TrainConfigs or rows)."""
+    return [f for f in fields if len({_field(c, f) for c in configs}) > 1]
+
+
+def varying_field(rows: list[dict], f: str) -> set:
+    return {row_key(r, (f,))[0] for r in rows}
+
+
+#### Training ######################################################################################
+# One jitted step over a mesh of all devices: the batch is sharded on the "data" axis, parameters,
+# optimizer and BatchNorm state are replicated, so BatchNorm statistics and ‖g‖ cover the global
+# batch (global view: XLA inserts the all-reduces). The step is compiled once per StepSpec, the
+# hashable description of what its code depends on; every Hyper scalar is an array input.
 
 
 class NetSpec(NamedTuple):
@@ -1966,12 +2047,6 @@ def eval_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, mask):
     return jnp.sum(correct * mask), jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def with_act(model, act):
-    """`model` with every Activation replaced by `act`, any elementwise callable (the probe's twin and
-    its recording wrapper)."""
-    return map_acts(model, lambda _: act)
-
-
 def inference_net(net: NetSpec, bn_state) -> Callable:
     """The model as the probe's `net(act, params, x) -> logits`: inference mode, every activation `act`."""
     static = skeleton(net)
@@ -1990,17 +2065,8 @@ def probe_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, sa
     zoo = inference_net(net, bn_state)
 
     def support(_, act, p, xb, beta):  # per example inside vmap, then the batch mean (no tracer escapes)
-        def one(xi):
-            record = []
-
-            def recording(u):
-                record.append(jnp.mean(jnp.abs(u) < 1 / beta, dtype=jnp.float32))
-                return act(u)
-
-            with_act(eqx.nn.inference_mode(eqx.combine(p, static)), recording)(xi, bn_state)
-            return record
-
-        return [r.mean() for r in jax.vmap(one)(xb)]
+        one = lambda a, w, xi: with_act(eqx.nn.inference_mode(eqx.combine(w, static)), a)(xi, bn_state)  # noqa: E731
+        return [r.mean() for r in jax.vmap(lambda xi: recorded_support(one, act, p, xi, beta))(xb)]
 
     act = Activation(net.activation, beta)
     return probe(zoo, act, twin(act), params, normalize(x, mean, std), y, key, beta=beta, samples=samples,
@@ -2033,8 +2099,14 @@ def _global(mesh, *local):
 # waits up to shutdown_timeout_seconds for the others at exit; joining waits up to
 # initialization_timeout for all of them to start (a large job's stragglers).
 DIST_TIMEOUTS = dict(initialization_timeout=600, heartbeat_timeout_seconds=60, shutdown_timeout_seconds=120)
+
+
 PEER_TIMEOUT_S = 30.0  # a peer whose beat (every PEER_BEAT_S) has not changed for this long is dead
+
+
 PEER_BEAT_S = 2.0
+
+
 _EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
@@ -2428,223 +2500,13 @@ def evaluate(run: Run, data, opts: RunOptions = RunOptions()) -> dict:
     return out
 
 
-PROBE_BATCH = 512
-
-
-def _rows_upto(path, run: Run) -> list[dict]:
-    """This run's rows of a per-step CSV up to the step it starts from; its rows past it (a run
-    restarted without its checkpoint) are dropped from the file (process 0 writes)."""
-    rows = read_rows(path)
-    ident = row_key(run.identity)
-    kept = [r for r in rows if row_key(r) != ident or int(r["step"]) <= run.step]
-    if jax.process_index() == 0 and len(kept) < len(rows):
-        _write_rows(path, kept, list(rows[0]))
-    return [r for r in kept if row_key(r) == ident]
-
-
-class Prober:
-    """The curvature probe as fit's callback: on a fixed batch of about PROBE_BATCH training images
-    (a multiple of the device count), one row per call appended to `path` (the run's identity, step,
-    epoch and every probe value); `last` keeps the latest values. Rows of this run past the step it
-    starts from (a run restarted without its checkpoint) are dropped; those up to it are kept. With
-    `path` None it only holds the batch (for SpectraProber)."""
-
-    def __init__(self, run: Run, data, path):
-        n = jax.device_count()
-        size = min(-(-PROBE_BATCH // n) * n, data.n_train // n * n)
-        i, share = jax.process_index(), size // jax.process_count()  # this process's rows of the batch
-        self.x, self.y = _global(run.mesh, *(a[i * share:(i + 1) * share] for a in data.probe_batch(size)))
-        self.net, self.spec, self.path, self.last = run.spec.net, data.spec, path, {}
-        self.key = jax.random.fold_in(jax.random.key(run.seed), 1 << 30)  # apart from the step keys
-        if path is None:
-            return
-        ours = _rows_upto(path, run)
-        if ours:  # resumed: the values of its last probe so far
-            self.last = {k: float(v) for k, v in ours[-1].items() if k not in ID_FIELDS + ("step", "epoch")}
-
-    def __call__(self, run: Run) -> None:
-        got = probe_step(self.net, self.spec.mean, self.spec.std, run.params, run.bn_state, run.hp.beta,
-                         self.x, self.y, jax.random.fold_in(self.key, run.step))
-        self.last = {k: float(v) for k, v in got.items()}
-        if jax.process_index() == 0:
-            append_rows(self.path, [run.identity | {"step": run.step, "epoch": run.step / run.steps_per_epoch}
-                                    | self.last])
-
-
-class SpectraProber(Prober):
-    """The spectra (MATH.md §8) as fit's callback, on the Prober's fixed batch: at the steps in `at`
-    (every call if None), `spectra_step` of each operator, appended to `path` as one row per
-    (operator, start, node): the run's identity, step, epoch, operator, start, node, theta, weight."""
-
-    def __init__(self, run: Run, data, path, *, at=None, operators=("H", "GN", "NME"), starts=4, steps=40):
-        super().__init__(run, data, None)
-        self.path, self.at, self.kw = path, at, dict(operators=tuple(operators), starts=starts, steps=steps)
-        _rows_upto(path, run)
-
-    def __call__(self, run: Run) -> None:
-        if self.at is not None and run.step not in self.at:
-            return
-        got = spectra_step(self.net, self.spec.mean, self.spec.std, run.params, run.bn_state, run.hp.beta,
-                           self.x, self.y, jax.random.fold_in(self.key, run.step), **self.kw)
-        got = {name: (np.asarray(nodes, np.float64), np.asarray(w, np.float64)) for name, (nodes, w) in got.items()}
-        if jax.process_index() == 0:
-            head = run.identity | {"step": run.step, "epoch": run.step / run.steps_per_epoch}
-            append_rows(self.path, [head | {"operator": name, "start": i, "node": j, "theta": nodes[i, j],
-                                            "weight": w[i, j]}
-                                    for name, (nodes, w) in got.items()
-                                    for i in range(nodes.shape[0]) for j in range(nodes.shape[1])])
+#### Results #######################################################################################
+# A results CSV holds one row per run: its identity, then what it measured. Rows are appended whole
+# and fsynced as each run finishes; a row torn by a kill is cut and its run redone. The curvature
+# probe and the spectra are fit's callbacks that append rows of their own.
 
 
 METRICS = ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "diverged", "steps", "wall_s")
-
-
-def train(cfg: TrainConfig, seed: int, data=None, opts: RunOptions = RunOptions(),
-          callback: Callable[[Run], None] | None = None) -> dict:
-    """Train one model: setup, fit, evaluate. Returns METRICS (a non-finite loss ends the run early
-    and is recorded as `diverged`, never raised), images_per_s, and the final params and bn_state.
-    `data` defaults to load_data(cfg); tests pass an InMemory of their own. With cfg.probe_every > 0
-    and opts.curves set, the curvature probe appends to that CSV and its last values are returned as
-    probe_*; a `callback` replaces it."""
-    t_start = time.perf_counter()
-    data = data if data is not None else load_data(cfg, opts.workers, opts.data_dir)
-    run = setup(cfg, seed, data, opts)
-    if callback is None and cfg.probe_every and opts.curves:
-        callback = Prober(run, data, opts.curves)
-    run = fit(run, data, opts, callback)
-    result = {"steps": run.step, "diverged": run.diverged, "images_per_s": run.images_per_s,
-              "train_loss": float(np.mean(run.losses)) if run.losses else math.nan}
-    if isinstance(callback, Prober):
-        result |= {f"probe_{k}": v for k, v in callback.last.items()}
-    result |= evaluate(run, data, opts)
-    result |= {"wall_s": time.perf_counter() - t_start, "params": run.params, "bn_state": run.bn_state}
-    return result
-
-
-#### Sweeps, results and the command line ##########################################################
-# A figure script is its experiment: a Config extending Flags (the sweep's values), a function that
-# lists the runs' TrainConfigs, a plot and its claims; `run_script` does the rest. Each run is
-# identified by its whole TrainConfig and seed, and its CSV row holds all of them, so a copied script
-# that sweeps any field resumes, plots and judges it as its own setup. Rows are appended whole and
-# fsynced as each run finishes; rerunning skips the rows already there. Plots are drawn from the
-# CSV alone.
-
-
-@dataclasses.dataclass(frozen=True)
-class _ScriptFlags:
-    """The flags of every figure script besides the configuration's own (`Flags`)."""
-
-    dataset: str = setting(CPU_SETUP, one_of(SETUPS), help="the setup (SETUPS): fashion_mnist is the CPU regime, "
-                           "cifar10 and imagenet the paper's")
-    seeds: int | None = setting(None, at_least(1), help="None: --cpu-seeds in the CPU regime, else --paper-seeds")
-    first_seed: int = setting(0, at_least(0), help="seeds first_seed .. first_seed + seeds − 1: split a sweep "
-                              "across jobs")
-    out: str | None = setting(None, help="None: runs/<script>/<dataset>-<model>/ beside the script")
-    compile_cache: str | None = setting(None, help="None: <user cache>/neglected-hessian/jax; \"\": off")
-    allow_cpu: bool = setting(False, help="train a paper setup (cifar10, imagenet) even when JAX only sees the CPU")
-    smoke: bool = setting(False, help="tiny model, one epoch, one seed, first and last value of each swept number")
-    plot_only: bool = setting(False)
-    cpu_seeds: int = setting(3, at_least(1))
-    paper_seeds: int = setting(5, at_least(1))
-    # A script's changes to a dataset's setup, {dataset: {field: value}}, applied before the flags.
-    overrides: typing.ClassVar[dict[str, dict]] = {}
-
-
-def _optional(cls, shown: Callable[[type, str], str]) -> list:
-    """The fields of `cls` that have a flag, as optional Flags fields (None: keep the setup's value),
-    each with its check, its help and, as `shown(script's Config, name)`, its default for --help."""
-    hints = typing.get_type_hints(cls)
-    skip = {f.name for f in dataclasses.fields(_ScriptFlags)}
-    return [(f.name, hints[f.name] | None, dataclasses.field(
-                default=None, metadata=dict(f.metadata) | {"default": functools.partial(shown, name=f.name)}))
-            for f in dataclasses.fields(cls) if f.metadata.get("flag", True) and f.name not in skip]
-
-
-# Every figure script's flags: the script flags above, then one per TrainConfig and RunOptions field that
-# has a flag, generated; a script's Config extends it with the values it sweeps.
-Flags = dataclasses.make_dataclass(
-    "Flags",
-    _optional(TrainConfig, lambda config, name: "the setup's: " + ", ".join(
-        f"{d} {config.overrides.get(d, {}).get(name, getattr(s, name))}" for d, s in SETUPS.items()))
-    + _optional(RunOptions, lambda config, name: str(getattr(RunOptions, name))),
-    bases=(_ScriptFlags,), frozen=True)
-
-
-def resolve(flags) -> tuple[TrainConfig, RunOptions]:
-    """The base TrainConfig and RunOptions of a script's flags: the dataset's setup (SETUPS), the
-    script's changes to it (its Config's `overrides`), SMOKE under --smoke, then every value given (a
-    flag, or a script's field named as a TrainConfig field)."""
-    validate(flags)
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"dataset"}
-    given = {k: v for k, v in dataclasses.asdict(flags).items() if k in names and v is not None}
-    changes = flags.overrides.get(flags.dataset, {}) | (SMOKE if flags.smoke else {})
-    base = for_dataset(flags.dataset, **(changes | given))
-    opts = RunOptions(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(RunOptions)
-                         if getattr(flags, f.name, None) is not None})
-    return base, opts
-
-
-def identity(cfg: TrainConfig, seed: int) -> dict:
-    """A run's identity, as its CSV row records it."""
-    return {"seed": seed} | dataclasses.asdict(cfg)
-
-
-ID_FIELDS = ("seed",) + tuple(f.name for f in dataclasses.fields(TrainConfig))
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
-
-def _fmt(v) -> str:
-    if v is None or v == "":
-        return ""  # how the CSV stores None
-    if isinstance(v, bool):
-        return str(v)
-    try:
-        return repr(float(v))  # 0.1, "0.1" and 1e-1 are one value; 50 and "50.0" too
-    except (TypeError, ValueError):
-        return str(v)
-
-
-def row_key(row: dict, fields=ID_FIELDS) -> tuple:
-    """The identity of a row, compared as text; a column the row lacks (a CSV written before the
-    field existed) counts as the field's default."""
-    return tuple(_fmt(row[f] if f in row else _DEFAULTS.get(f)) for f in fields)
-
-
-def _field(c, f: str) -> str:
-    """Field f of a TrainConfig or a row, as `row_key` compares it."""
-    return _fmt(getattr(c, f) if isinstance(c, TrainConfig) else c.get(f, _DEFAULTS.get(f)))
-
-
-def varying(configs, fields=ID_FIELDS[1:]) -> list[str]:
-    """The `fields` (by default the TrainConfig's) whose values differ among `configs` (TrainConfigs or rows)."""
-    return [f for f in fields if len({_field(c, f) for c in configs}) > 1]
-
-
-def varying_field(rows: list[dict], f: str) -> set:
-    return {row_key(r, (f,))[0] for r in rows}
-
-
-def smoke_runs(configs: list) -> list:
-    """The configs whose every swept numeric field is at its first or last value (every activation and
-    method stays: the smoke run checks their wiring)."""
-    swept = [f for f in varying(configs) if not isinstance(getattr(configs[0], f), str)]
-    ends = {f: {_fmt(getattr(configs[0], f)), _fmt(getattr(configs[-1], f))} for f in swept}
-    return [c for c in configs if all(_fmt(getattr(c, f)) in ends[f] for f in swept)]
-
-
-def check_setup(path, configs, fields=ID_FIELDS[1:]) -> None:
-    """Refuse to add runs of another setup to a CSV: a field that is constant both among its rows and
-    among the new runs, with different values, is a different setup (a swept field may differ).
-    `configs` are TrainConfigs, or rows of a script that records its setup in other `fields`."""
-    rows = read_rows(path)
-    if not rows:
-        return
-    new_swept, old_swept = set(varying(configs, fields)), set(varying(rows, fields))
-    ours = {f: _field(configs[0], f) for f in fields}
-    theirs = {f: row_key(rows[0], (f,))[0] for f in fields}
-    diff = [f for f in fields if f not in new_swept | old_swept and ours[f] != theirs[f]]
-    if diff:
-        what = ", ".join(f"{f} {theirs[f] or 'None'} (here {ours[f] or 'None'})" for f in diff)
-        raise ConfigError(f"--out: {path} holds runs of another setup: {what}; pass another --out")
 
 
 def _repair(path) -> None:
@@ -2720,6 +2582,185 @@ def _write_rows(path, rows, columns) -> None:
     os.replace(tmp, path)
 
 
+PROBE_BATCH = 512
+
+
+def _rows_upto(path, run: Run) -> list[dict]:
+    """This run's rows of a per-step CSV up to the step it starts from; its rows past it (a run
+    restarted without its checkpoint) are dropped from the file (process 0 writes)."""
+    rows = read_rows(path)
+    ident = row_key(run.identity)
+    kept = [r for r in rows if row_key(r) != ident or int(r["step"]) <= run.step]
+    if jax.process_index() == 0 and len(kept) < len(rows):
+        _write_rows(path, kept, list(rows[0]))
+    return [r for r in kept if row_key(r) == ident]
+
+
+class Prober:
+    """The curvature probe as fit's callback: on a fixed batch of about PROBE_BATCH training images
+    (a multiple of the device count), one row per call appended to `path` (the run's identity, step,
+    epoch and every probe value); `last` keeps the latest values. Rows of this run past the step it
+    starts from (a run restarted without its checkpoint) are dropped; those up to it are kept. With
+    `path` None it only holds the batch (for SpectraProber)."""
+
+    def __init__(self, run: Run, data, path):
+        n = jax.device_count()
+        size = min(-(-PROBE_BATCH // n) * n, data.n_train // n * n)
+        i, share = jax.process_index(), size // jax.process_count()  # this process's rows of the batch
+        self.x, self.y = _global(run.mesh, *(a[i * share:(i + 1) * share] for a in data.probe_batch(size)))
+        self.net, self.spec, self.path, self.last = run.spec.net, data.spec, path, {}
+        self.key = jax.random.fold_in(jax.random.key(run.seed), 1 << 30)  # apart from the step keys
+        if path is None:
+            return
+        ours = _rows_upto(path, run)
+        if ours:  # resumed: the values of its last probe so far
+            self.last = {k: float(v) for k, v in ours[-1].items() if k not in ID_FIELDS + ("step", "epoch")}
+
+    def __call__(self, run: Run) -> None:
+        got = probe_step(self.net, self.spec.mean, self.spec.std, run.params, run.bn_state, run.hp.beta,
+                         self.x, self.y, jax.random.fold_in(self.key, run.step))
+        self.last = {k: float(v) for k, v in got.items()}
+        if jax.process_index() == 0:
+            append_rows(self.path, [run.identity | {"step": run.step, "epoch": run.step / run.steps_per_epoch}
+                                    | self.last])
+
+
+class SpectraProber(Prober):
+    """The spectra (MATH.md §8) as fit's callback, on the Prober's fixed batch: at the steps in `at`
+    (every call if None), `spectra_step` of each operator, appended to `path` as one row per
+    (operator, start, node): the run's identity, step, epoch, operator, start, node, theta, weight."""
+
+    def __init__(self, run: Run, data, path, *, at=None, operators=("H", "GN", "NME"), starts=4, steps=40):
+        super().__init__(run, data, None)
+        self.path, self.at, self.kw = path, at, dict(operators=tuple(operators), starts=starts, steps=steps)
+        _rows_upto(path, run)
+
+    def __call__(self, run: Run) -> None:
+        if self.at is not None and run.step not in self.at:
+            return
+        got = spectra_step(self.net, self.spec.mean, self.spec.std, run.params, run.bn_state, run.hp.beta,
+                           self.x, self.y, jax.random.fold_in(self.key, run.step), **self.kw)
+        got = {name: (np.asarray(nodes, np.float64), np.asarray(w, np.float64)) for name, (nodes, w) in got.items()}
+        if jax.process_index() == 0:
+            head = run.identity | {"step": run.step, "epoch": run.step / run.steps_per_epoch}
+            append_rows(self.path, [head | {"operator": name, "start": i, "node": j, "theta": nodes[i, j],
+                                            "weight": w[i, j]}
+                                    for name, (nodes, w) in got.items()
+                                    for i in range(nodes.shape[0]) for j in range(nodes.shape[1])])
+
+
+def train(cfg: TrainConfig, seed: int, data=None, opts: RunOptions = RunOptions(),
+          callback: Callable[[Run], None] | None = None) -> dict:
+    """Train one model: setup, fit, evaluate. Returns METRICS (a non-finite loss ends the run early
+    and is recorded as `diverged`, never raised), images_per_s, and the final params and bn_state.
+    `data` defaults to load_data(cfg); tests pass an InMemory of their own. With cfg.probe_every > 0
+    and opts.curves set, the curvature probe appends to that CSV and its last values are returned as
+    probe_*; a `callback` replaces it."""
+    t_start = time.perf_counter()
+    data = data if data is not None else load_data(cfg, opts.workers, opts.data_dir)
+    run = setup(cfg, seed, data, opts)
+    if callback is None and cfg.probe_every and opts.curves:
+        callback = Prober(run, data, opts.curves)
+    run = fit(run, data, opts, callback)
+    result = {"steps": run.step, "diverged": run.diverged, "images_per_s": run.images_per_s,
+              "train_loss": float(np.mean(run.losses)) if run.losses else math.nan}
+    if isinstance(callback, Prober):
+        result |= {f"probe_{k}": v for k, v in callback.last.items()}
+    result |= evaluate(run, data, opts)
+    result |= {"wall_s": time.perf_counter() - t_start, "params": run.params, "bn_state": run.bn_state}
+    return result
+
+
+def train_row(cfg: TrainConfig, seed: int, opts: RunOptions) -> dict:
+    """One run's CSV columns after its identity: METRICS, and the last probe's values (probe_*)."""
+    r = train(cfg, seed, opts=opts)
+    return {k: r[k] for k in METRICS} | {k: v for k, v in r.items() if k.startswith("probe_")}
+
+
+#### Sweeps and the command line ###################################################################
+# A sweep is a list of (TrainConfig, seed): a rerun trains only the runs whose rows its CSV lacks,
+# and refuses to add runs of another setup. A script's flags are generated from the configuration's
+# fields (each with its check); a bad value is one line and exit code 2.
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScriptFlags:
+    """The flags of every figure script besides the configuration's own (`Flags`)."""
+
+    dataset: str = setting(CPU_SETUP, one_of(SETUPS), help="the setup (SETUPS): fashion_mnist is the CPU regime, "
+                           "cifar10 and imagenet the paper's")
+    seeds: int | None = setting(None, at_least(1), help="None: --cpu-seeds in the CPU regime, else --paper-seeds")
+    first_seed: int = setting(0, at_least(0), help="seeds first_seed .. first_seed + seeds − 1: split a sweep "
+                              "across jobs")
+    out: str | None = setting(None, help="None: runs/<script>/<dataset>-<model>/ beside the script")
+    compile_cache: str | None = setting(None, help="None: <user cache>/neglected-hessian/jax; \"\": off")
+    allow_cpu: bool = setting(False, help="train a paper setup (cifar10, imagenet) even when JAX only sees the CPU")
+    smoke: bool = setting(False, help="tiny model, one epoch, one seed, first and last value of each swept number")
+    plot_only: bool = setting(False)
+    cpu_seeds: int = setting(3, at_least(1))
+    paper_seeds: int = setting(5, at_least(1))
+    # A script's changes to a dataset's setup, {dataset: {field: value}}, applied before the flags.
+    overrides: typing.ClassVar[dict[str, dict]] = {}
+
+
+def _optional(cls, shown: Callable[[type, str], str]) -> list:
+    """The fields of `cls` that have a flag, as optional Flags fields (None: keep the setup's value),
+    each with its check, its help and, as `shown(script's Config, name)`, its default for --help."""
+    hints = typing.get_type_hints(cls)
+    skip = {f.name for f in dataclasses.fields(_ScriptFlags)}
+    return [(f.name, hints[f.name] | None, dataclasses.field(
+                default=None, metadata=dict(f.metadata) | {"default": functools.partial(shown, name=f.name)}))
+            for f in dataclasses.fields(cls) if f.metadata.get("flag", True) and f.name not in skip]
+
+
+# Every figure script's flags: the script flags above, then one per TrainConfig and RunOptions field that
+# has a flag, generated; a script's Config extends it with the values it sweeps.
+Flags = dataclasses.make_dataclass(
+    "Flags",
+    _optional(TrainConfig, lambda config, name: "the setup's: " + ", ".join(
+        f"{d} {config.overrides.get(d, {}).get(name, getattr(s, name))}" for d, s in SETUPS.items()))
+    + _optional(RunOptions, lambda config, name: str(getattr(RunOptions, name))),
+    bases=(_ScriptFlags,), frozen=True)
+
+
+def resolve(flags) -> tuple[TrainConfig, RunOptions]:
+    """The base TrainConfig and RunOptions of a script's flags: the dataset's setup (SETUPS), the
+    script's changes to it (its Config's `overrides`), SMOKE under --smoke, then every value given (a
+    flag, or a script's field named as a TrainConfig field)."""
+    validate(flags)
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"dataset"}
+    given = {k: v for k, v in dataclasses.asdict(flags).items() if k in names and v is not None}
+    changes = flags.overrides.get(flags.dataset, {}) | (SMOKE if flags.smoke else {})
+    base = for_dataset(flags.dataset, **(changes | given))
+    opts = RunOptions(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(RunOptions)
+                         if getattr(flags, f.name, None) is not None})
+    return base, opts
+
+
+def smoke_runs(configs: list) -> list:
+    """The configs whose every swept numeric field is at its first or last value (every activation and
+    method stays: the smoke run checks their wiring)."""
+    swept = [f for f in varying(configs) if not isinstance(getattr(configs[0], f), str)]
+    ends = {f: {_fmt(getattr(configs[0], f)), _fmt(getattr(configs[-1], f))} for f in swept}
+    return [c for c in configs if all(_fmt(getattr(c, f)) in ends[f] for f in swept)]
+
+
+def check_setup(path, configs, fields=ID_FIELDS[1:]) -> None:
+    """Refuse to add runs of another setup to a CSV: a field that is constant both among its rows and
+    among the new runs, with different values, is a different setup (a swept field may differ).
+    `configs` are TrainConfigs, or rows of a script that records its setup in other `fields`."""
+    rows = read_rows(path)
+    if not rows:
+        return
+    new_swept, old_swept = set(varying(configs, fields)), set(varying(rows, fields))
+    ours = {f: _field(configs[0], f) for f in fields}
+    theirs = {f: row_key(rows[0], (f,))[0] for f in fields}
+    diff = [f for f in fields if f not in new_swept | old_swept and ours[f] != theirs[f]]
+    if diff:
+        what = ", ".join(f"{f} {theirs[f] or 'None'} (here {ours[f] or 'None'})" for f in diff)
+        raise ConfigError(f"--out: {path} holds runs of another setup: {what}; pass another --out")
+
+
 def default_out(script: str, *parts: str) -> Path:
     """runs/<script name>/<parts...> beside the script: outside the tracked results/."""
     return Path(script).resolve().parent.joinpath("runs", Path(script).stem, *parts)
@@ -2752,12 +2793,6 @@ def write_config(out_dir, name: str, flags, base: TrainConfig | None = None) -> 
     path.write_text(json.dumps({"calls": calls}, indent=2, default=str))
 
 
-def train_row(cfg: TrainConfig, seed: int, opts: RunOptions) -> dict:
-    """One run's CSV columns after its identity: METRICS, and the last probe's values (probe_*)."""
-    r = train(cfg, seed, opts=opts)
-    return {k: r[k] for k in METRICS} | {k: v for k, v in r.items() if k.startswith("probe_")}
-
-
 def pending(path, items: list, identity_of: Callable[[Any], dict], fields=ID_FIELDS) -> list:
     """The `items` whose row is not yet in the CSV at `path`, a row's identity being its `fields` of
     identity_of(item): what a rerun has left to do."""
@@ -2785,45 +2820,6 @@ def sweep(path, runs: list[tuple[TrainConfig, int]], opts: RunOptions, run_one=t
         what = " ".join(f"{f}={getattr(tc, f)}" for f in swept)
         print(f"  {what} seed {seed}: test acc {row['test_accuracy']:.4f}  train acc {row['train_accuracy']:.4f}"
               f"  {row['wall_s']:.0f}s", flush=True)
-
-
-def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc: str, argv=None, *,
-               claims: Callable | None = None) -> None:
-    """A figure script's main: flags -> runs -> CSV -> plot -> verdicts. `make_runs(cfg, base)` lists
-    the TrainConfigs of one seed; `plot(rows, png_path)` draws the CSV's rows; `claims(cfg)` lists the
-    paper's claims as Claims, judged on the rows into <name>.verdict.csv."""
-    flags = parse_config(config_cls, argv, doc)
-    base, opts = resolve(flags)
-    name = Path(script).stem
-    cpu = flags.dataset == CPU_SETUP
-    seeds = flags.seeds if flags.seeds is not None else (flags.cpu_seeds if cpu else flags.paper_seeds)
-    if not cpu and jax.default_backend() == "cpu" and not (flags.allow_cpu or flags.smoke or flags.plot_only):
-        raise ConfigError(f"--dataset {flags.dataset}: JAX sees only the CPU here, and the paper setup would take "
-                          "weeks on it; install the accelerator build (uv run --extra cuda13 | cuda12 | tpu ...) "
-                          "or pass --allow-cpu")
-    use_compile_cache(flags.compile_cache)
-    settings = make_runs(flags, base)
-    if flags.smoke:
-        settings, seeds = smoke_runs(settings), 1
-    for tc in dict.fromkeys(settings):
-        validate(tc)  # every bad value fails now, not hours into the sweep
-    lead = jax.process_index() == 0  # writes every file; the others only train
-    default = default_out(script, f"{base.dataset}-{base.model}")
-    out = output_dir(flags.out, default) if lead else Path(flags.out or default)
-    csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"
-    if not flags.plot_only:
-        if lead:
-            check_setup(csv_path, settings)
-            write_config(out, name, flags, base)
-        runs = [(tc, s) for s in range(flags.first_seed, flags.first_seed + seeds) for tc in settings]
-        sweep(csv_path, runs, dataclasses.replace(opts, curves=str(out / f"{name}.curves.csv")))
-    if lead:
-        rows = read_rows(csv_path)
-        if not rows:
-            raise ConfigError(f"--out: no results in {csv_path}" + (" to plot" if flags.plot_only else ""))
-        verdicts = report_verdicts(rows, claims(flags), out / f"{name}.verdict.csv") if claims else []
-        plot(rows, png_path, verdicts)
-        print(f"{name}: plotted {png_path}")
 
 
 def use_compile_cache(path: str | None) -> None:
@@ -2991,6 +2987,7 @@ def plot_contrasts(ax, verdicts: list[dict], x: str, logx: bool, xlabel: str) ->
 # claim is a per-seed contrast Σ coef · accuracy, summarised by its mean and 95% t-interval over the
 # seeds where every term has a finished run. Rows of different setups are never averaged: a term
 # that matches two rows for one seed is an error, not a mean.
+
 
 _CF_EPS, _CF_FPMIN, _CF_MAXIT = 1e-15, 1e-300, 100_000
 
@@ -3183,6 +3180,8 @@ def first_seeds(c: Contrast, n: int) -> Contrast:
 
 
 DIRECTIONS = (">0", "<0", "~0")
+
+
 EQUIVALENCE_BAND = 0.5  # accuracy points: a "~0" claim is reproduced when its interval lies within ±this
 
 
@@ -3303,7 +3302,52 @@ def report_verdicts(rows: list[dict], claims, path) -> list[dict]:
     return lines
 
 
-#### Command line of the library ###################################################################
+#### Scripts: a figure script's main, and the library's own command line ###########################
+# A figure script is its experiment: a Config extending Flags (the sweep's values), a function that
+# lists the runs' TrainConfigs, a plot and its claims; `run_script` does the rest. Each run is
+# identified by its whole TrainConfig and seed, and its CSV row holds all of them, so a copied script
+# that sweeps any field resumes, plots and judges it as its own setup. Rows are appended whole and
+# fsynced as each run finishes; rerunning skips the rows already there. Plots are drawn from the
+# CSV alone.
+
+
+def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc: str, argv=None, *,
+               claims: Callable | None = None) -> None:
+    """A figure script's main: flags -> runs -> CSV -> plot -> verdicts. `make_runs(cfg, base)` lists
+    the TrainConfigs of one seed; `plot(rows, png_path)` draws the CSV's rows; `claims(cfg)` lists the
+    paper's claims as Claims, judged on the rows into <name>.verdict.csv."""
+    flags = parse_config(config_cls, argv, doc)
+    base, opts = resolve(flags)
+    name = Path(script).stem
+    cpu = flags.dataset == CPU_SETUP
+    seeds = flags.seeds if flags.seeds is not None else (flags.cpu_seeds if cpu else flags.paper_seeds)
+    if not cpu and jax.default_backend() == "cpu" and not (flags.allow_cpu or flags.smoke or flags.plot_only):
+        raise ConfigError(f"--dataset {flags.dataset}: JAX sees only the CPU here, and the paper setup would take "
+                          "weeks on it; install the accelerator build (uv run --extra cuda13 | cuda12 | tpu ...) "
+                          "or pass --allow-cpu")
+    use_compile_cache(flags.compile_cache)
+    settings = make_runs(flags, base)
+    if flags.smoke:
+        settings, seeds = smoke_runs(settings), 1
+    for tc in dict.fromkeys(settings):
+        validate(tc)  # every bad value fails now, not hours into the sweep
+    lead = jax.process_index() == 0  # writes every file; the others only train
+    default = default_out(script, f"{base.dataset}-{base.model}")
+    out = output_dir(flags.out, default) if lead else Path(flags.out or default)
+    csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"
+    if not flags.plot_only:
+        if lead:
+            check_setup(csv_path, settings)
+            write_config(out, name, flags, base)
+        runs = [(tc, s) for s in range(flags.first_seed, flags.first_seed + seeds) for tc in settings]
+        sweep(csv_path, runs, dataclasses.replace(opts, curves=str(out / f"{name}.curves.csv")))
+    if lead:
+        rows = read_rows(csv_path)
+        if not rows:
+            raise ConfigError(f"--out: no results in {csv_path}" + (" to plot" if flags.plot_only else ""))
+        verdicts = report_verdicts(rows, claims(flags), out / f"{name}.verdict.csv") if claims else []
+        plot(rows, png_path, verdicts)
+        print(f"{name}: plotted {png_path}")
 
 
 def _main(argv=None) -> None:
