@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +17,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.optimized
 def test_analysis_mode_writes_ratios(bench, tmp_path):
     bench.main(["--analyze", "--configs", "tiny:8:16:float32", "--methods", "sgd", "gp_p1", "sam", "probe",
@@ -30,6 +29,7 @@ def test_analysis_mode_writes_ratios(bench, tmp_path):
     assert ratio["probe"] > 3  # gradient, three Hessian products, and the loops (whose bodies XLA counts once)
 
 
+@pytest.mark.slow
 def test_timed_mode_writes_the_issue_columns(bench, tmp_path):
     bench.main(["--quick", "--configs", "tiny:8:16:float32", "--methods", "sgd", "weight_noise",
                 "--pipeline-batches", "2", "--out", str(tmp_path)])
