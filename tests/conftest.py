@@ -2,13 +2,22 @@ import os
 import sys
 from pathlib import Path
 
+# The caller's XLA flags (--xla_cpu_max_isa=SSE4_2 or AVX2 round float32 as another CPU does: README,
+# "Tests"), kept for the subprocesses that set their own device count.
+CALLER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 # Four simulated CPU devices for the sharding tests; must be set before JAX starts.
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = CALLER_XLA_FLAGS + " --xla_force_host_platform_device_count=4"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# float32's machine epsilon (2^-23 ≈ 1.2e-7). A float32 comparison between two computations (jit and
+# eager, two graphs, two device counts) allows a multiple of it sized by the depth of the computation:
+# XLA compiles for the CPU it runs on (vector width, FMA, fusion), so the last bits differ across CPUs.
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 @pytest.fixture

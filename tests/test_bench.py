@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,6 +18,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.optimized
 def test_analysis_mode_writes_ratios(bench, tmp_path):
     bench.main(["--analyze", "--configs", "tiny:8:16:float32", "--methods", "sgd", "gp_p1", "sam", "probe",
@@ -41,6 +40,7 @@ def test_a_rule_added_to_the_registry_is_benchmarked_with_no_edit(bench, tmp_pat
     assert [(r["method"], float(r["flop_ratio"])) for r in rows] == [("sgd", 1.0), ("sgd_again", 1.0)]
 
 
+@pytest.mark.slow
 def test_timed_mode_writes_the_issue_columns(bench, tmp_path):
     bench.main(["--quick", "--configs", "tiny:8:16:float32", "--methods", "sgd", "weight_noise",
                 "--pipeline-batches", "2", "--out", str(tmp_path)])

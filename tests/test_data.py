@@ -19,8 +19,6 @@ import common
 from common import (DATASET_SPECS, ConfigError, ImageFolder, augment_small, eval_batches, load_small, normalize,
                     small_batches)
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 
 FMNIST = REPO / "data" / "fashion-mnist"

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,7 @@ from pathlib import Path
 import pytest
 
 import common
-
-pytestmark = pytest.mark.slow
+from conftest import CALLER_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = common.ID_FIELDS + common.METRICS
@@ -72,6 +72,7 @@ def smoke_out(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMOKE))
 def test_smoke_writes_csv_png_config_and_rerun_skips(name, smoke_out, capsys):
     out = smoke_out(name)
@@ -95,6 +96,7 @@ def test_smoke_writes_csv_png_config_and_rerun_skips(name, smoke_out, capsys):
     assert cli(load(name), ["--plot-only", "--smoke", "--out", str(out)]) == 0 and (out / f"{name}.png").exists()
 
 
+@pytest.mark.slow
 def test_partial_last_row_is_dropped_and_redone(smoke_out, tmp_path, capsys, caplog):
     out = smoke_out("fig2_gp_relu_gelu")
     text = (out / "fig2_gp_relu_gelu.csv").read_text()
@@ -108,6 +110,7 @@ def test_partial_last_row_is_dropped_and_redone(smoke_out, tmp_path, capsys, cap
     assert (tmp_path / "fig2_gp_relu_gelu.png").exists()
 
 
+@pytest.mark.slow
 def test_another_setup_is_refused_with_one_line(smoke_out, capsys):
     out = smoke_out("fig2_gp_relu_gelu")
     before = (out / "fig2_gp_relu_gelu.csv").read_text()
@@ -119,15 +122,38 @@ def test_another_setup_is_refused_with_one_line(smoke_out, capsys):
     assert (out / "fig2_gp_relu_gelu.csv").read_text() == before
 
 
-def test_default_output_folder_is_per_setup_and_untracked(tmp_path):
-    script = tmp_path / "fig2_copy.py"
-    script.write_text((ROOT / "fig2_gp_relu_gelu.py").read_text())
-    base = common.for_dataset("fashion_mnist", model="mlp16")
-    assert common.default_out(str(script), f"{base.dataset}-{base.model}") == \
-        tmp_path / "runs" / "fig2_copy" / "fashion_mnist-mlp16"
-    assert "/runs/" in (ROOT / ".gitignore").read_text()
+@pytest.mark.slow
+def test_default_output_folder_is_per_setup_and_untracked(tmp_path, capsys):
+    """A copy of fig2 with another ρ sweep, run without --out: its runs go to runs/<copy>/<dataset>-<model>/
+    beside it (not fig2's folder), a rerun resumes them there, another model gets its own folder, and git
+    ignores runs/ (results/ alone is tracked)."""
+    src = (ROOT / "fig2_gp_relu_gelu.py").read_text()
+    old = "    rhos: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)\n"
+    assert old in src
+    (tmp_path / "fig2_copy.py").write_text(src.replace(old, "    rhos: tuple[float, ...] = (0.0, 0.5)\n"))
+    copy = load("fig2_copy", tmp_path / "fig2_copy.py")
+    folder = lambda model: tmp_path / "runs" / "fig2_copy" / f"fashion_mnist-{model}"  # noqa: E731
+    argv = ["--smoke", "--activations", "gelu"]  # mlp16, 1 epoch, 1 seed: 2 runs
+    assert cli(copy, argv) == 0
+    got = rows(folder("mlp16") / "fig2_copy.csv")
+    assert sorted(float(r["rho"]) for r in got) == [0.0, 0.5]  # the copy's own field reached its runs
+    capsys.readouterr()
+    assert cli(copy, argv) == 0
+    assert "0 of 2 runs to do" in capsys.readouterr().out and rows(folder("mlp16") / "fig2_copy.csv") == got
+    assert cli(copy, argv + ["--model", "mlp8"]) == 0
+    assert len(rows(folder("mlp8") / "fig2_copy.csv")) == 2 and rows(folder("mlp16") / "fig2_copy.csv") == got
+    assert {p.name for p in tmp_path.iterdir()} - {"__pycache__"} == {"fig2_copy.py", "runs"}  # nothing elsewhere
+    # Beside a script in the repository, runs/ is ignored by git.
+    git = shutil.which("git") and subprocess.run(
+        ["git", "check-ignore", "--no-index", "-q", "runs/fig2_copy/fashion_mnist-mlp16/fig2_copy.csv"],
+        cwd=ROOT, capture_output=True)
+    if git and git.returncode != 128:
+        assert git.returncode == 0, "runs/ is not ignored by git"
+    else:  # no git, or not a checkout (an unpacked archive): the rule itself
+        assert "/runs/" in (ROOT / ".gitignore").read_text()
 
 
+@pytest.mark.slow
 def test_copied_script_sweeping_weight_decay_resumes_and_plots_one_curve_per_value(tmp_path):
     """An ablation starts as a copy: fig4 with a weight-decay sweep, run twice from another folder."""
     src = (ROOT / "fig4_aug_dim.py").read_text()
@@ -136,7 +162,7 @@ def test_copied_script_sweeping_weight_decay_resumes_and_plots_one_curve_per_val
            "weight_decay=wd)\n            for wd in (0.0, 5e-4)\n")
     assert old in src
     (tmp_path / "my_ablation.py").write_text(src.replace(old, new))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(ROOT)}
+    env = os.environ | {"XLA_FLAGS": CALLER_XLA_FLAGS, "PYTHONPATH": str(ROOT)}  # one device, the caller's ISA
     argv = [sys.executable, str(tmp_path / "my_ablation.py"), "--smoke", "--activations", "relu", "relu_aug",
             "--rhos", "0", "0.1"]
     first = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -243,6 +269,7 @@ def test_unusable_out_is_one_line_and_exit_2(name, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "--out" in err, err
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_and_keeps_the_rows(smoke_out, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -260,8 +287,9 @@ def test_full_disk_is_one_line_and_keeps_the_rows(smoke_out, tmp_path, monkeypat
     assert (out / "fig2_gp_relu_gelu.csv").read_text() == kept
 
 
+@pytest.mark.slow
 def test_bad_dataset_through_the_command_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = os.environ | {"XLA_FLAGS": CALLER_XLA_FLAGS}
     p = subprocess.run([sys.executable, str(ROOT / "fig4_aug_dim.py"), "--dataset", "foo", "--out", str(tmp_path)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr

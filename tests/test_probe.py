@@ -16,7 +16,7 @@ import common
 import nets
 from common import activation, lanczos_max, lanczos_tridiagonal, probe, twin
 
-pytestmark = [pytest.mark.usefixtures("x64"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("x64")
 
 ACTS = [("relu", 1.0), ("gelu", 1.0), ("beta_gelu", 4.0), ("relu_aug", 1.0), ("gelu_dim", 1.0)]
 KINDS = ["mlp", "conv"]
@@ -117,6 +117,7 @@ def rel(a, b):
     return abs(a - b) / abs(b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,name,beta", CASES)
 def test_products_norms_shares_match_dense(kind, name, beta):
     (params, x, y), out, r = case(kind, name, beta)
@@ -136,6 +137,7 @@ def test_products_norms_shares_match_dense(kind, name, beta):
     assert 0.0 < want["nme_share"] and want["cos_h_gn"] < 1 - 1e-6  # the NME is not negligible here
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,name,beta", CASES)
 def test_phi2_share_is_the_activation_second_derivative_part(kind, name, beta):
     """‖(H − H_twin) ĝ‖/‖Hĝ‖ from dense Hessians; exactly 0 where the activation is its own twin."""
@@ -150,6 +152,7 @@ def test_phi2_share_is_the_activation_second_derivative_part(kind, name, beta):
         assert rel(out["phi2_share"], want) < 1e-10, (out["phi2_share"], want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,name,beta", CASES)
 def test_lambda_max_by_lanczos(kind, name, beta):
     """iters > parameter count: the Krylov space is exhausted and the largest Ritz value exact."""
@@ -173,6 +176,7 @@ def gn_estimator_moments(r):
     return mean, var, prob @ (T - mean) ** 4 / var**2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,name,beta", CASES)
 def test_trace_estimates(kind, name, beta):
     """Means within 5 exact standard errors of the exact traces; reported SEs within 5 of their own
@@ -212,6 +216,7 @@ def preactivations(kind, name, beta, params, x):
     return [u1, conv_np(f(u1), p["k2"])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,name,beta", CASES)
 def test_support_fractions(kind, name, beta):
     (params, x, _), out, _ = case(kind, name, beta)
@@ -221,6 +226,7 @@ def test_support_fractions(kind, name, beta):
         assert abs(out[f"support_{i}"] - np.mean(np.abs(u) < 1 / beta)) < 1e-15, (i, out[f"support_{i}"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_beta_is_traced(kind):
     """One compiled probe serves every β: only the support fractions change, and they match NumPy."""
@@ -235,6 +241,7 @@ def test_beta_is_traced(kind):
     assert f._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_float32_plain_jit():
     """The probe as callers jit it, with a plain activation and β an array, at default precision
     (x64 off): float32 outputs, close to the float64 probe."""
@@ -250,9 +257,10 @@ def test_float32_plain_jit():
         for key in ("loss", "grad_norm", "logit_grad_rms", "hg_norm", "gng_norm", "nmeg_norm", "nme_share",
                     "cos_h_gn", "phi2_share", "support_0"):
             assert rel(float(out[key]), ref[key]) < 1e-5, (key, float(out[key]), ref[key])
-        # 20 Lanczos steps on 31 parameters: λ_max from below, converged to float32 rounding
+        # 20 Lanczos steps on 31 parameters: converged to λ_max within the float32 rounding of the Hessian
+        # products (each ~10 sums deep: a Ritz value may land a few EPS32·‖H‖ above λ_max; 1.3 EPS32 seen)
         for key in ("lam_h", "lam_gn"):
-            assert ref[key] * (1 - 1e-5) < float(out[key]) < ref[key] * (1 + 1e-6), (key, float(out[key]), ref[key])
+            assert abs(float(out[key]) - ref[key]) < 1e-5 * ref[key], (key, float(out[key]), ref[key])
 
 
 #### Lanczos on explicit matrices
@@ -297,6 +305,7 @@ def test_lanczos_from_below():
 #### The probe on a model of the zoo (per-example models, BatchNorm in inference mode)
 
 
+@pytest.mark.slow
 def test_probe_step_on_the_zoo():
     """probe_step: the φ″ share is exactly 0 for relu and positive for relu_aug (same forward, same first
     derivative); one support fraction per hidden layer, smaller for a larger β."""
@@ -316,6 +325,7 @@ def test_probe_step_on_the_zoo():
         assert got["relu_aug", 8.0]["support_0"] < got["relu_aug", 1.0]["support_0"] < 1
 
 
+@pytest.mark.slow
 @pytest.mark.optimized  # the probe's loops run many times: XLA's optimisations pay here
 def test_prober_writes_curves_and_the_final_values(tmp_path):
     from test_train import DATA, QUIET, TINY

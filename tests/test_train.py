@@ -13,8 +13,6 @@ import pytest
 import common
 from common import ConfigError, DatasetSpec, Hyper, InMemory, RULES, TrainConfig
 
-pytestmark = pytest.mark.slow
-
 
 def separable(n, seed, classes=3, size=8):
     """uint8 images [n, size, size, classes] whose class is the brightest channel, plus noise."""
@@ -41,6 +39,7 @@ def sgd_params():
     return train(dataclasses.replace(TINY, method="sgd"))["params"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [m for m in RULES if m != "sgd"])
 def test_every_rule_learns_and_its_penalty_acts(method, sgd_params):
     r = train(dataclasses.replace(TINY, method=method))
@@ -51,6 +50,7 @@ def test_every_rule_learns_and_its_penalty_acts(method, sgd_params):
     assert np.linalg.norm(a - b) > 1e-3 * np.linalg.norm(b), method
 
 
+@pytest.mark.slow
 def test_divergence_is_recorded_not_raised():
     r = train(dataclasses.replace(TINY, lr=1e30, epochs=1))
     assert r["diverged"] and r["steps"] < 512 // 32 and math.isnan(r["test_accuracy"])
@@ -64,6 +64,7 @@ def _step_inputs(method, n_devices):
     return run, mesh, jax.device_put((run.params, run.opt_state, run.bn_state, run.hp), rep)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sgd", "gp_p1", "gp_gn_p1", "sam", "hessian_trace", "gn_trace"])
 def test_sharded_step_equals_single_device(method):
     """Global view: BatchNorm statistics, ‖g‖, ε and ŷ cover the global batch, so 4 devices == 1 device."""
@@ -82,6 +83,7 @@ def test_sharded_step_equals_single_device(method):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_a_sweep_of_every_hyper_compiles_once():
     """lr, ρ, β, weight decay, momentum and the seed are array inputs: one train and one eval compile."""
     base = dataclasses.replace(TINY, method="gp_p1", activation="beta_gelu", epochs=1)
@@ -110,6 +112,7 @@ def test_weight_decay_and_momentum_are_the_optimizers():
     np.testing.assert_allclose(upd.fc.weight, 0.01 * w * (1 + 0.5 * (1 + 0.5)) * float(schedule(1)), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_exact(tmp_path, monkeypatch):
     cfg = dataclasses.replace(TINY, method="sam", epochs=2)
     ref = train(cfg, seed=3)
@@ -144,6 +147,7 @@ def test_kill_and_resume_is_exact(tmp_path, monkeypatch):
     assert len(list((tmp_path / "ckpt").iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     opts = dataclasses.replace(QUIET, ckpt_dir=str(tmp_path), ckpt_every_s=1e9)
     cfg = dataclasses.replace(TINY, epochs=0.1)
@@ -154,6 +158,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
         train(cfg, seed=1, opts=opts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [3, 4])
 def test_evaluation_pads_to_any_device_count(devices, monkeypatch):
     """The eval batch is rounded up to a multiple of the device count and the padding masked: 3 devices
@@ -170,6 +175,7 @@ def test_evaluation_pads_to_any_device_count(devices, monkeypatch):
     assert got == pytest.approx(ref, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_mixed_precision_keeps_fp32_state():
     r = train(dataclasses.replace(TINY, dtype="bfloat16", method="gp_p1"))
     assert r["test_accuracy"] > 0.9
@@ -177,6 +183,7 @@ def test_mixed_precision_keeps_fp32_state():
     assert all(s.dtype in (jnp.float32, jnp.int32) for s in jax.tree.leaves(r["bn_state"]))
 
 
+@pytest.mark.slow
 def test_log_without_a_terminal_is_one_line_per_epoch(capsys):
     """Under SLURM or nohup (stdout not a terminal): flushed epoch lines, at most one per every_s seconds,
     and always the last."""
@@ -188,6 +195,7 @@ def test_log_without_a_terminal_is_one_line_per_epoch(capsys):
     assert [ln.split()[1] for ln in lines] == ["3"]
 
 
+@pytest.mark.slow
 def test_probe_callback_every_n_steps():
     seen = []
     train(dataclasses.replace(TINY, epochs=1, probe_every=5), callback=lambda run: seen.append(run.step))
@@ -266,6 +274,7 @@ def test_cli_turns_config_errors_into_one_line(capsys):
     assert err.strip() == "error: --rho must be >= 0, got -1" and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [3, 16])
 def test_a_run_on_any_device_count(devices, tmp_path):
     """A whole run on 3 and 16 simulated devices: batch 48, eval batch 1000 over 300 test images (padded
@@ -275,6 +284,8 @@ def test_a_run_on_any_device_count(devices, tmp_path):
     import sys
     from pathlib import Path
 
+    from conftest import CALLER_XLA_FLAGS
+
     code = (
         "import dataclasses, common, test_train as t\n"
         "import jax; assert jax.device_count() == %d\n"
@@ -282,7 +293,8 @@ def test_a_run_on_any_device_count(devices, tmp_path):
         "n = round(r['test_accuracy'] * 300); assert abs(r['test_accuracy'] * 300 - n) < 1e-9\n"
         "print(r['test_accuracy'])\n" % devices)
     root = Path(__file__).resolve().parents[1]
-    env = os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    env = os.environ | {"XLA_FLAGS": f"{CALLER_XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
+                        "JAX_PLATFORMS": "cpu",
                         "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
     p = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                        timeout=300)
