@@ -422,7 +422,6 @@ def fig2_run(cfg, platform):
 # <out>/plan.csv, keyed by (model, per-device batch, image size, rule, dtype): the table is printed
 # from it, and only missing steps compile.
 
-N_TRAIN = {"imagenet": 1_281_167, "cifar10": 50_000}  # training images
 ACCELERATORS = {"H100": (989e12, 80), "TPU v5e": (197e12, 16)}  # dense bf16 FLOP/s, GiB of memory per chip
 PLAN_COLUMNS = ("model", "batch", "image_size", "rule", "dtype", "gflop", "peak_mem_mb", "compile_s", "jax")
 
@@ -449,14 +448,6 @@ def paper_sweep(script, dataset, **flags):
     cfg = module.Config(dataset=dataset, **flags)
     base, _ = common.resolve(cfg)
     return module.runs(cfg, base), cfg.seeds if cfg.seeds is not None else cfg.paper_seeds
-
-
-def run_steps(tc) -> int:
-    """Optimizer steps of one run, as `common.setup` counts them (an epoch drops its last partial batch)."""
-    n_train = N_TRAIN[tc.dataset]
-    if tc.train_subset:
-        n_train = min(n_train, tc.train_subset)
-    return max(1, int(round(tc.epochs * (n_train // tc.batch_size))))
 
 
 def step_key(tc, devices=1) -> tuple:
@@ -545,7 +536,7 @@ def sweep_cost(settings, seeds, table, devices, mfu) -> dict:
     flop = {tc.method: get(step_key(tc), "gflop") for tc in settings}
     total = None
     if all(v is not None for v in flop.values()):
-        total = seeds * sum(run_steps(tc) * flop[tc.method] * 1e9 for tc in settings)
+        total = seeds * sum(common.run_steps(tc)[1] * flop[tc.method] * 1e9 for tc in settings)
     peaks = {}
     for d in devices:
         mem = [get(step_key(tc, d), "peak_mem_mb") for tc in settings]
@@ -553,7 +544,7 @@ def sweep_cost(settings, seeds, table, devices, mfu) -> dict:
     tc = settings[0]
     return dict(model=tc.model, batch=tc.batch_size, image_size=step_key(tc)[2], dtype=tc.dtype,
                 configs=len(settings), seeds=seeds, runs=len(settings) * seeds,
-                steps_per_run=sorted({run_steps(t) for t in settings}), gflop_per_step=flop, total_flop=total,
+                steps_per_run=sorted({common.run_steps(t)[1] for t in settings}), gflop_per_step=flop, total_flop=total,
                 hours={a: None if total is None else total / (peak * mfu) / 3600
                        for a, (peak, _) in ACCELERATORS.items()},
                 peak_gib=peaks)
@@ -563,8 +554,9 @@ def plan(cfg, flags=None) -> list[dict]:
     """Print the cost of each --plan-scripts' paper setup on each --plan-datasets (flags: more
     Flags fields for every script, e.g. a smaller model for a test); returns one dict per sweep."""
     for ds in cfg.plan_datasets:
-        if ds not in N_TRAIN:
-            raise common.ConfigError(f"--plan-datasets: unknown dataset {ds!r}; accepted: {', '.join(N_TRAIN)}")
+        if ds == common.CPU_SETUP or ds not in common.SETUPS:
+            paper = [d for d in common.SETUPS if d != common.CPU_SETUP]
+            raise common.ConfigError(f"--plan-datasets: unknown dataset {ds!r}; accepted: {', '.join(paper)}")
     if not 0 < cfg.mfu <= 1:
         raise common.ConfigError(f"--mfu: {cfg.mfu} is not in (0, 1]")
     if cfg.compile_budget_s < 0:

@@ -1110,16 +1110,17 @@ class DatasetSpec(NamedTuple):
     shape: tuple[int, int, int]  # H, W, C of the model input
     mean: tuple[float, ...]  # per channel, in 0..255 pixel units
     std: tuple[float, ...]  # per channel, in 0..255 pixel units
+    n_train: int = 0  # images of the full training set
 
 
 # Statistics of the training sets (ImageNet: the usual torchvision values).
 DATASET_SPECS = {
-    "fashion_mnist": DatasetSpec(10, (28, 28, 1), (72.940,), (90.021,)),
+    "fashion_mnist": DatasetSpec(10, (28, 28, 1), (72.940,), (90.021,), 60_000),
     "cifar10": DatasetSpec(
-        10, (32, 32, 3), (125.307, 122.950, 113.865), (62.993, 62.089, 66.705)
+        10, (32, 32, 3), (125.307, 122.950, 113.865), (62.993, 62.089, 66.705), 50_000
     ),
     "imagenet": DatasetSpec(
-        1000, (224, 224, 3), (123.675, 116.280, 103.530), (58.395, 57.120, 57.375)
+        1000, (224, 224, 3), (123.675, 116.280, 103.530), (58.395, 57.120, 57.375), 1_281_167
     ),
 }
 
@@ -1908,6 +1909,15 @@ def validate(cfg) -> None:
         raise ConfigError(f"--image-size: applies to --dataset imagenet only, not {cfg.dataset}")
 
 
+
+def run_steps(cfg: TrainConfig, n_train: int | None = None) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run on n_train training images (None: its dataset's full
+    training set, capped by train_subset): an epoch drops its last partial batch."""
+    if n_train is None:
+        n_train = min(cfg.train_subset or math.inf, DATASET_SPECS[cfg.dataset].n_train)
+    per_epoch = n_train // cfg.batch_size
+    return per_epoch, max(1, int(round(cfg.epochs * per_epoch)))
+
 def identity(cfg: TrainConfig, seed: int) -> dict:
     """A run's identity, as its CSV row records it."""
     return {"seed": seed} | dataclasses.asdict(cfg)
@@ -2368,10 +2378,9 @@ class Run:
 def setup(cfg: TrainConfig, seed: int, data, opts: RunOptions = RunOptions()) -> Run:
     """A run at its start, or where its checkpoint left it: model, optimizer and state on the mesh."""
     validate(cfg)
-    steps_per_epoch = data.n_train // cfg.batch_size
+    steps_per_epoch, total = run_steps(cfg, data.n_train)
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
-    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
     net = NetSpec(cfg.model, cfg.activation, data.spec.num_classes, data.spec.shape[2])
     spec = StepSpec(net, cfg.method, cfg.dtype, cfg.augment, tuple(data.spec.mean), tuple(data.spec.std),
                     cfg.nesterov, cfg.decay_norm_and_bias, int(round(cfg.warmup_epochs * steps_per_epoch)), total)

@@ -44,10 +44,6 @@ import numpy as np
 
 import common
 
-# Training-set sizes, for the step count of a run before its data is loaded (a subset caps them).
-TRAIN_SIZES = {"fashion_mnist": 60_000, "cifar10": 50_000, "imagenet": 1_281_167}
-
-
 @dataclasses.dataclass(frozen=True)
 class Config(common.Flags):
     activations: tuple[str, ...] = ("relu", "gelu", "relu_aug", "gelu_dim", "beta_gelu")
@@ -66,14 +62,8 @@ class Config(common.Flags):
     spectra_steps: int = 40  # Lanczos steps per start; the extremes come from start 0
 
 
-def total_steps(base: common.TrainConfig) -> int:
-    """A run's step count, as `common.setup` computes it, without loading its data."""
-    n_train = min(base.train_subset or math.inf, TRAIN_SIZES[base.dataset])
-    return max(1, int(round(base.epochs * (n_train // base.batch_size))))
-
-
 def runs(cfg: Config, base: common.TrainConfig) -> list[common.TrainConfig]:
-    every = max(1, total_steps(base) // cfg.probes)
+    every = max(1, common.run_steps(base)[1] // cfg.probes)
     acts = [(a, b) for a in cfg.activations for b in (cfg.betas if a == "beta_gelu" else (1.0,))]
     return [dataclasses.replace(base, activation=a, beta=b, method=m, rho=0.0 if m == "sgd" else cfg.rho,
                                 probe_every=every) for m in cfg.methods for a, b in acts]
@@ -175,7 +165,7 @@ def spectra_steps(total: int, fractions) -> tuple[int, list[int]]:
 
 
 def spectra_runs(cfg: Config, base: common.TrainConfig) -> list[common.TrainConfig]:
-    every, _ = spectra_steps(total_steps(base), cfg.spectra_at)
+    every, _ = spectra_steps(common.run_steps(base)[1], cfg.spectra_at)
     return [dataclasses.replace(base, activation=a, method=m, rho=0.0 if m == "sgd" else cfg.spectra_rho,
                                 probe_every=every) for m in cfg.spectra_methods for a in cfg.spectra_activations]
 

@@ -373,7 +373,7 @@ def test_image_size_is_checked_and_imagenet_only():
     common.validate(common.for_dataset("imagenet", model="tiny", image_size=32))
     with pytest.raises(ConfigError, match="--image-size"):
         common.validate(common.for_dataset("imagenet", model="tiny", image_size=16))
-    with pytest.raises(ConfigError, match="--image-size applies to --dataset imagenet only"):
+    with pytest.raises(ConfigError, match="--image-size: applies to --dataset imagenet only"):
         common.validate(common.for_dataset("cifar10", model="tiny", image_size=64))
 
 
