@@ -174,7 +174,11 @@ def test_killed_after_a_checkpoint_the_rerun_is_exact(tmp_path, cache, reference
     ckpt = str(tmp_path / "ckpt")
     argv = TINY + ["--ckpt-dir", ckpt]
     killed = Job(tmp_path, argv, 2, cache, ckpt_every_s=0.0, ask_every=4, die_after_save=4)
-    assert killed.wait() == [-signal.SIGKILL] * 2, killed.log(0)[-3000:] + killed.log(1)[-3000:]
+    # Each kills itself after the save returns; the one that is slower may first see its peer gone
+    # and stop with our one line (exit 1). The checkpoint is whole either way: the rerun checks it.
+    codes = killed.wait()
+    assert -signal.SIGKILL in codes and set(codes) <= {-signal.SIGKILL, 1}, (
+        codes, killed.log(0)[-3000:] + killed.log(1)[-3000:])
     assert not (tmp_path / "p0" / "out" / f"{NAME}.csv").exists()
     (saved,) = Path(ckpt).iterdir()
     assert [p.name for p in saved.iterdir() if p.name.isdigit()] == ["4"]
