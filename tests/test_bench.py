@@ -65,6 +65,7 @@ def test_bad_config_spec_exits_2(bench, capsys):
 TINY_PLAN = dict(model="tiny", batch_size=16, epochs=2, train_subset=100)  # 6 steps per epoch
 
 
+@pytest.mark.slow  # a subprocess and its compiles
 def test_plan_is_runs_times_steps_times_the_analyzed_step(bench, tmp_path, monkeypatch):
     import subprocess
     import sys

@@ -449,6 +449,7 @@ def test_reencode_resumes_skips_done_and_redoes_changed(imagenet_dir, tmp_path):
         common.reencode(imagenet_dir, dst, side=96, workers=1)
 
 
+@pytest.mark.slow  # a subprocess and its compiles
 def test_reencode_command_line(imagenet_dir, tmp_path):
     import subprocess
     import sys
