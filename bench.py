@@ -447,7 +447,7 @@ def paper_sweep(script, dataset, **flags):
     module = load_script(script)
     cfg = module.Config(dataset=dataset, **flags)
     base, _ = common.resolve(cfg)
-    return module.runs(cfg, base), cfg.seeds if cfg.seeds is not None else cfg.paper_seeds
+    return module.runs(cfg, base), common.seed_count(cfg)
 
 
 def step_key(tc, devices=1) -> tuple:

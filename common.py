@@ -2746,6 +2746,13 @@ def resolve(flags) -> tuple[TrainConfig, RunOptions]:
     return base, opts
 
 
+
+def seed_count(flags) -> int:
+    """--seeds, else the script's cpu_seeds in the CPU regime and its paper_seeds on a paper setup."""
+    if flags.seeds is not None:
+        return flags.seeds
+    return flags.cpu_seeds if flags.dataset == CPU_SETUP else flags.paper_seeds
+
 def smoke_runs(configs: list) -> list:
     """The configs whose every swept numeric field is at its first or last value (every activation and
     method stays: the smoke run checks their wiring)."""
@@ -3329,7 +3336,7 @@ def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc
     base, opts = resolve(flags)
     name = Path(script).stem
     cpu = flags.dataset == CPU_SETUP
-    seeds = flags.seeds if flags.seeds is not None else (flags.cpu_seeds if cpu else flags.paper_seeds)
+    seeds = seed_count(flags)
     if not cpu and jax.default_backend() == "cpu" and not (flags.allow_cpu or flags.smoke or flags.plot_only):
         raise ConfigError(f"--dataset {flags.dataset}: JAX sees only the CPU here, and the paper setup would take "
                           "weeks on it; install the accelerator build (uv run --extra cuda13 | cuda12 | tpu ...) "
