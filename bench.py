@@ -257,7 +257,7 @@ def crop_view(w, h, size=224, n=20_000):
 
 
 def reencode_bench(cfg):
-    """Images/s per core (one process, CPU time, the median of 3 passes with every transform interleaved
+    """Images/s per core (one process, CPU time, the median of 5 passes with every transform interleaved
     image by image) of the ImageNet train and eval transforms on photo-like 500 x 375 JPEGs: full-size
     decoding (the reference), this repo's transforms on the original files, and on copies re-encoded by
     common.reencode at each shorter side of REENCODE_SIDES; the re-encode's own rate per core; and what
@@ -268,7 +268,7 @@ def reencode_bench(cfg):
     tmp = tempfile.mkdtemp(prefix="bench_reencode_")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     rng = np.random.default_rng(0)
-    n = 8 if cfg.quick else 48
+    n = 8 if cfg.quick else 96
     for split in ("train", "val"):
         for c in range(4):
             d = os.path.join(tmp, "original", split, f"n{c:08d}")
@@ -287,19 +287,21 @@ def reencode_bench(cfg):
         rows.append(dict(folder=f"side{side}", split="-", transform="reencode",
                          images_per_s_per_core=len(files) / (time.process_time() - t)))
         folders[f"side{side}"] = dst
-    fns = {("original", "train", "full_decode"): lambda r: full_decode_train(r, np.random.default_rng(0)),
-           ("original", "eval", "full_decode"): full_decode_eval}
+    # Image i's train crop draws from default_rng(i) under every transform: the crops vary from image
+    # to image as in training, and each folder's transform sees the same draws (paired).
+    fns = {("original", "train", "full_decode"): lambda r, i: full_decode_train(r, np.random.default_rng(i)),
+           ("original", "eval", "full_decode"): lambda r, i: full_decode_eval(r)}
     for name in folders:
-        fns[(name, "train", "repo")] = lambda r: common._imagenet_train(r, np.random.default_rng(0))
-        fns[(name, "eval", "repo")] = common._imagenet_eval
+        fns[(name, "train", "repo")] = lambda r, i: common._imagenet_train(r, np.random.default_rng(i))
+        fns[(name, "eval", "repo")] = lambda r, i: common._imagenet_eval(r)
     sources = {name: common.ImageFolder(root).sources["train"] for name, root in folders.items()}
     rates = {k: [] for k in fns}
-    for _ in range(1 if cfg.quick else 3):
+    for _ in range(1 if cfg.quick else 5):
         spent = dict.fromkeys(fns, 0.0)
         for i in range(n):
             for k, f in fns.items():
                 t = time.process_time()
-                f(sources[k[0]][i])
+                f(sources[k[0]][i], i)
                 spent[k] += time.process_time() - t
         for k in fns:
             rates[k].append(n / spent[k])
@@ -452,7 +454,8 @@ def paper_sweep(script, dataset, **flags):
 
 def step_key(tc, devices=1) -> tuple:
     """(model, per-device batch, image size, rule, dtype) of a run's train step on `devices` devices."""
-    return tc.model, tc.batch_size // devices, common.DATASET_SPECS[tc.dataset].shape[0], tc.method, tc.dtype
+    size = tc.image_size if tc.dataset == "imagenet" else common.DATASET_SPECS[tc.dataset].shape[0]  # --image-size
+    return tc.model, tc.batch_size // devices, size, tc.method, tc.dtype
 
 
 def step_cost(model, batch, size, rule, dtype) -> tuple:
@@ -588,8 +591,8 @@ def print_plan(lines, cfg, path) -> None:
     """The plan as a Markdown table (the README's)."""
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     devs = " / ".join(map(str, cfg.plan_devices))
-    print(f"\nCost of the paper setups in {cfg.plan_dtype} at {cfg.mfu:.0%} MFU (XLA's counts of each rule's train step "
-          f"compiled on CPU, from {path}; test-set passes not included; -: not compiled within the budget)\n")
+    print(f"\nCost of the paper setups in {cfg.plan_dtype} at {cfg.mfu:.0%} MFU (XLA's counts of each rule's train "
+          f"step compiled on CPU, from {path}; test-set passes not included; -: not compiled within the budget)\n")
     head = ["script", "dataset", "model, batch, image", "runs", "steps/run", "TFLOP/step", "total EFLOP", "H100-h",
             "v5e-h", f"peak GiB/device on {devs} devices", "device counts that fit " + " / ".join(
                 f"{a} {gib} GiB" for a, (_, gib) in ACCELERATORS.items())]
@@ -598,7 +601,8 @@ def print_plan(lines, cfg, path) -> None:
     for ln in lines:
         rules = ", ".join(f"{r} {fmt(None if g is None else g / 1e3, '.2f')}" for r, g in ln["gflop_per_step"].items())
         fits = "-" if None in ln["peak_gib"].values() else " / ".join(
-            ", ".join(str(d) for d, p in ln["peak_gib"].items() if p <= gib) or "none" for _, gib in ACCELERATORS.values())
+            ", ".join(str(d) for d, p in ln["peak_gib"].items() if p <= gib) or "none"
+            for _, gib in ACCELERATORS.values())
         cells = [ln["script"], ln["dataset"], f"{ln['model']}, {ln['batch']}, {ln['image_size']}²",
                  f"{ln['configs']} × {ln['seeds']} = {ln['runs']}", ", ".join(f"{n:,}" for n in ln["steps_per_run"]),
                  rules, fmt(None if ln["total_flop"] is None else ln["total_flop"] / 1e18, ".1f"),

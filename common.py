@@ -1382,7 +1382,9 @@ def _open_rgb(path, pick=lambda w, h: 1):
     (from the header alone) if the decoder can (JPEG: libjpeg's scaled IDCT, each pixel the mean of an
     r x r block), else 1; None for an unreadable file, logged once per file and process."""
     try:
-        with Image.open(path) as im:  # lazy: reads the header, no pixels yet
+        with open(path, "rb") as f:  # one read: PIL's parser otherwise issues dozens of small ones
+            raw = io.BytesIO(f.read())
+        with Image.open(raw) as im:  # lazy: reads the header, no pixels yet
             w, h = im.size
             s, r = pick(w, h), 1.0
             if s > 1:
@@ -1392,7 +1394,8 @@ def _open_rgb(path, pick=lambda w, h: 1):
                 got = im.draft("RGB", (w // s, h // s))
                 if got is not None:
                     r = w / got[1][2]
-            return im.convert("RGB"), r, (w, h)  # forces the decode inside the try
+            im.load()  # decodes inside the try; convert copies even an RGB image
+            return (im if im.mode == "RGB" else im.convert("RGB")), r, (w, h)
     except Exception as e:  # PIL raises many types on corrupt files; none may stop training
         if path not in _logged_bad_images:
             _logged_bad_images.add(path)
@@ -1617,7 +1620,10 @@ def load_data(cfg, workers=None, data_dir=None):
 _load_small_cached = functools.lru_cache(maxsize=2)(load_small)  # a sweep decodes the files once
 
 
-REENCODE_SIDE = 256  # README "Re-encoding ImageNet": per-core rate against what the 224 crop still sees
+# README "Re-encoding ImageNet": train at the largest side that decodes at >= 2x the originals' rate per
+# core (what the 224 crop still sees against images/s); val at the evaluation's own first resize, 256.
+REENCODE_SIDE = 224
+REENCODE_VAL_SIDE = eval_resize(224)  # 256
 
 
 REENCODE_MANIFEST = "reencode_manifest.csv"
@@ -1676,14 +1682,15 @@ def _read_manifest(path) -> dict:
 
 
 def reencode(src, dst, side: int = REENCODE_SIDE, workers: int | None = None, quality: int = 90,
-             log_every_s: float = 30.0) -> dict:
+             log_every_s: float = 30.0, val_side: int = REENCODE_VAL_SIDE) -> dict:
     """Copy the ImageFolder `src` (train/<class>/*, val/<class>/*) to `dst` with the same layout and
-    file names, every image's shorter side reduced to `side` px (never enlarged), once, in `workers`
-    processes (default: one per core). dst/reencode_manifest.csv records each source file's path, size,
-    mtime, SHA-256 and its sizes before and after, a row appended as each file is done; a rerun (after
-    an interruption, or on a grown source) skips a file whose row matches its size and mtime (or, if
-    only the mtime changed, its SHA-256) and whose output exists, and redoes a changed one. dst made at
-    another side is refused. Returns counts {"files", "done", "skipped"}.
+    file names, every image's shorter side reduced to `side` px in train and `val_side` px in val (never
+    enlarged), once, in `workers` processes (default: one per core). dst/reencode_manifest.csv records
+    each source file's path, size, mtime, SHA-256 and its sizes before and after, a row appended as each
+    file is done; a rerun (after an interruption, or on a grown source) skips a file whose row matches
+    its size and mtime (or, if only the mtime changed, its SHA-256) and whose output exists, and redoes
+    a changed one. dst made with other sides or quality is refused. Returns counts {"files", "done",
+    "skipped"}.
 
     Point --data-dir at dst: the train random-resized crop and the eval resize run unchanged, on files
     that decode several times faster (README "Re-encoding ImageNet")."""
@@ -1693,12 +1700,13 @@ def reencode(src, dst, side: int = REENCODE_SIDE, workers: int | None = None, qu
     for d in (src / "train", src / "val"):
         if not d.is_dir():
             raise ConfigError(f"reencode SRC {src}: {d} does not exist; pass {ImageFolder.LAYOUT}")
-    if side < 32 or not 1 <= quality <= 100:
-        raise ConfigError(f"reencode --side {side} must be >= 32 and --quality {quality} within 1..100")
+    if min(side, val_side) < 32 or not 1 <= quality <= 100:
+        raise ConfigError(f"reencode --side {side} and --val-side {val_side} must be >= 32 and --quality {quality} "
+                          "within 1..100")
     if src.resolve() == dst.resolve():
         raise ConfigError(f"reencode DST {dst}: must differ from SRC")
     dst.mkdir(parents=True, exist_ok=True)
-    settings, made = {"side": side, "quality": quality}, dst / "reencode.json"
+    settings, made = {"side": side, "val_side": val_side, "quality": quality}, dst / "reencode.json"
     if made.exists() and (old := json.loads(made.read_text())) != settings:
         raise ConfigError(f"reencode DST {dst}: made with {old}, not {settings}; pass another DST")
     made.write_text(json.dumps(settings))
@@ -1726,7 +1734,8 @@ def reencode(src, dst, side: int = REENCODE_SIDE, workers: int | None = None, qu
                     files += 1
                     rel = f"{split}/{cls}/{e.name}"
                     if not unchanged(e.path, rel, e.stat()):
-                        tasks.append((e.path, str(dst / rel), rel, side, quality))
+                        tasks.append((e.path, str(dst / rel), rel, side if split == "train" else val_side,
+                                      quality))
     if not workers:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     print(f"reencode: {files - len(tasks)} of {files} files already done; {len(tasks)} to do in {workers} "
@@ -1878,7 +1887,8 @@ class RunOptions:
     eval_batch_size: int = setting(1000, above(0))
     ckpt_dir: str | None = setting(None, help="one subfolder per run; rerunning the same command resumes")
     ckpt_every_s: float = setting(300.0, above(0))
-    workers: int | None = setting(None, above(0), help="ImageNet decoding processes (None: one per core)")
+    workers: int | None = setting(None, at_least(0), help="ImageNet decoding processes (None: one per core; 0: "
+                                  "decode in this process, two threads)")
     log: bool = setting(True)
     log_every_s: float = setting(30.0, at_least(0), help="without a terminal: at most one epoch line per this "
                                  "many seconds")
@@ -3367,17 +3377,20 @@ def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc
 
 
 def _main(argv=None) -> None:
-    """uv run common.py reencode SRC DST [--side N] [--workers N] [--quality Q]"""
+    """uv run common.py reencode SRC DST [--side N] [--val-side N] [--workers N] [--quality Q]"""
     p = _Parser(prog="common.py", description="One-time jobs of the library.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("reencode", help=reencode.__doc__.split("\n\n")[0])
     r.add_argument("src", help="ImageNet folder (train/<class>/*.JPEG, val/<class>/*.JPEG)")
     r.add_argument("dst", help="new folder, same layout; pass it as --data-dir")
-    r.add_argument("--side", type=int, default=REENCODE_SIDE, help=f"shorter side in px (default {REENCODE_SIDE})")
+    r.add_argument("--side", type=int, default=REENCODE_SIDE,
+                   help=f"shorter side of train images in px (default {REENCODE_SIDE})")
+    r.add_argument("--val-side", type=int, default=REENCODE_VAL_SIDE,
+                   help=f"shorter side of val images in px (default {REENCODE_VAL_SIDE}, the evaluation's resize)")
     r.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     r.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     a = p.parse_args(argv)
-    got = reencode(a.src, a.dst, a.side, a.workers, a.quality)
+    got = reencode(a.src, a.dst, a.side, a.workers, a.quality, val_side=a.val_side)
     print(f"reencode: {got['done']} files written, {got['skipped']} already done, {got['files']} in {a.dst}")
 
 

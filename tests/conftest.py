@@ -27,6 +27,20 @@ def x64():
         yield
 
 
+# Seconds each file takes on 2 busy cores (`pytest --durations=0`), longest first. pytest-xdist hands
+# whole files to its workers in collection order (--dist loadfile --no-loadscope-reorder in
+# pyproject.toml): started longest first, the two workers finish within a minute of each other, where
+# xdist's own order (most tests first) starts the 4-minute paper-path file last. A file not listed
+# runs after these.
+FILE_SECONDS = {"test_paper_path.py": 263, "test_spectra.py": 69, "test_multiprocess.py": 67, "test_figures.py": 64,
+                "test_train.py": 59, "test_bench.py": 47, "test_rules.py": 47, "test_probe.py": 37,
+                "test_curvature.py": 29, "test_data.py": 22, "test_activations.py": 18, "test_models.py": 18}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: each file keeps its order
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: the engine, data, scripts and bench (deselect: -m 'not slow')")
     config.addinivalue_line("markers", "optimized: compile with XLA's optimisations (FLOP and memory counts)")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import common
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -142,3 +144,12 @@ def test_crop_view(bench):
     assert bench.crop_view(5000, 3750, n=2000) == (1.0, 1.0)  # every crop is at least 224 px on each side
     resolution, full = bench.crop_view(112, 112, n=2000)
     assert full == 0.0 and resolution <= 0.25 + 1e-9  # every crop at most half the output on each side
+
+
+def test_plan_keys_a_step_by_its_image_size(bench):
+    """Downsampled ImageNet (--image-size) is planned at its own resolution; CIFAR-10 at its 32."""
+    imagenet, cifar = common.SETUPS["imagenet"], common.SETUPS["cifar10"]
+    assert bench.step_key(imagenet)[2] == 224
+    assert bench.step_key(dataclasses.replace(imagenet, image_size=64), devices=8) == (
+        "resnet50", 32, 64, imagenet.method, imagenet.dtype)
+    assert bench.step_key(cifar)[2] == 32

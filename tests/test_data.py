@@ -1,6 +1,7 @@
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -394,8 +395,9 @@ def _files(root):
 
 def test_reencode_keeps_the_layout_and_writes_the_manifest(imagenet_dir, tmp_path):
     dst = tmp_path / "small"
-    got = common.reencode(imagenet_dir, dst, side=64, workers=2, log_every_s=0)
+    got = common.reencode(imagenet_dir, dst, side=64, workers=2, log_every_s=0, val_side=48)
     assert got == {"files": 41, "done": 41, "skipped": 0}
+    assert json.loads((dst / "reencode.json").read_text()) == {"side": 64, "val_side": 48, "quality": 90}
     assert _files(dst) == _files(imagenet_dir)
     manifest = {r["path"]: r for r in csv.DictReader(open(dst / common.REENCODE_MANIFEST))}
     assert sorted(manifest) == _files(imagenet_dir)
@@ -410,10 +412,11 @@ def test_reencode_keeps_the_layout_and_writes_the_manifest(imagenet_dir, tmp_pat
             assert (int(row["width"]), int(row["height"]), int(row["out_width"]), int(row["out_height"])) == (
                 w, h, w2, h2)
             assert b.format == "JPEG" and b.mode == "RGB"
-            if min(w, h) <= 64:
+            side = 64 if rel.startswith("train/") else 48
+            if min(w, h) <= side:
                 assert (w2, h2) == (w, h)
             else:
-                assert min(w2, h2) == 64 and (w2, h2) == (round(w * 64 / min(w, h)), round(h * 64 / min(w, h)))
+                assert min(w2, h2) == side and (w2, h2) == (round(w * side / min(w, h)), round(h * side / min(w, h)))
             assert abs(np.asarray(a, np.float32).mean() - np.asarray(b, np.float32).mean()) < 1.0
     data = ImageFolder(dst, workers=0, image_size=32)  # the pipeline runs unchanged on it
     for xb, yb in data.train(4, seed=0, num_epochs=1):
