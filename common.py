@@ -3337,6 +3337,16 @@ def report_verdicts(rows: list[dict], claims, path) -> list[dict]:
 # CSV alone.
 
 
+def require_accelerator(flags) -> None:
+    """A paper setup (cifar10, imagenet) where JAX sees only the CPU is a ConfigError: weeks of training,
+    unless --allow-cpu (or --smoke, --plot-only)."""
+    if (flags.dataset != CPU_SETUP and jax.default_backend() == "cpu"
+            and not (flags.allow_cpu or flags.smoke or flags.plot_only)):
+        raise ConfigError(f"--dataset {flags.dataset}: JAX sees only the CPU here, and the paper setup would take "
+                          "weeks on it; install the accelerator build (uv run --extra cuda13 | cuda12 | tpu ...) "
+                          "or pass --allow-cpu")
+
+
 def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc: str, argv=None, *,
                claims: Callable | None = None) -> None:
     """A figure script's main: flags -> runs -> CSV -> plot -> verdicts. `make_runs(cfg, base)` lists
@@ -3345,12 +3355,8 @@ def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc
     flags = parse_config(config_cls, argv, doc)
     base, opts = resolve(flags)
     name = Path(script).stem
-    cpu = flags.dataset == CPU_SETUP
     seeds = seed_count(flags)
-    if not cpu and jax.default_backend() == "cpu" and not (flags.allow_cpu or flags.smoke or flags.plot_only):
-        raise ConfigError(f"--dataset {flags.dataset}: JAX sees only the CPU here, and the paper setup would take "
-                          "weeks on it; install the accelerator build (uv run --extra cuda13 | cuda12 | tpu ...) "
-                          "or pass --allow-cpu")
+    require_accelerator(flags)
     use_compile_cache(flags.compile_cache)
     settings = make_runs(flags, base)
     if flags.smoke:

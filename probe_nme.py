@@ -188,6 +188,7 @@ def spectra_main(cfg: Config) -> None:
     """--spectra: the figure scripts' flow (flags -> runs -> CSV -> plot) with the spectra callback."""
     base, opts = common.resolve(cfg)
     seeds = common.seed_count(cfg)
+    common.require_accelerator(cfg)
     if seeds < 1 or cfg.first_seed < 0:
         raise common.ConfigError(f"--seeds must be >= 1 and --first-seed >= 0, got {seeds} and {cfg.first_seed}")
     checks = {"--spectra-operators": (all(o in common.OPERATORS for o in cfg.spectra_operators),

@@ -32,7 +32,7 @@ def x64():
 # pyproject.toml): started longest first, the two workers finish within a minute of each other, where
 # xdist's own order (most tests first) starts the 4-minute paper-path file last. A file not listed
 # runs after these.
-FILE_SECONDS = {"test_paper_path.py": 263, "test_spectra.py": 69, "test_multiprocess.py": 67, "test_figures.py": 64,
+FILE_SECONDS = {"test_paper_path.py": 216, "test_spectra.py": 72, "test_multiprocess.py": 68, "test_figures.py": 64,
                 "test_train.py": 59, "test_bench.py": 47, "test_rules.py": 47, "test_probe.py": 37,
                 "test_curvature.py": 29, "test_data.py": 22, "test_activations.py": 18, "test_models.py": 18}
 

@@ -244,6 +244,7 @@ BAD = [(name, ["--dataset", "foo"]) for name in TRAINING] + [
     ("fig6_sam_vs_psam", ["--batch-size", "0"]),
     ("fig6_sam_vs_psam", ["--eval-batch-size", "0"]),
     ("fig4_aug_dim", ["--dataset", "cifar10"]),  # a paper setup on a CPU-only JAX: names the extras
+    ("probe_nme", ["--spectra", "--dataset", "imagenet"]),  # the same guard on probe_nme's own flow
     ("nme_ablation", ["--rhos", "0.3", "1"]),  # no ρ = 0: no baseline for any gain
     ("nme_ablation", ["--methods", "gp_p1"]),
     ("nme_ablation", ["--methods", "gp_p1", "adam"]),
@@ -256,7 +257,7 @@ def test_bad_input_is_one_line_and_exit_2(name, argv, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert not list(tmp_path.iterdir())  # failed before writing anything
-    if argv == ["--dataset", "cifar10"] and name != "fig1_nme_landscape":
+    if argv[-2:] in (["--dataset", "cifar10"], ["--dataset", "imagenet"]) and name != "fig1_nme_landscape":
         assert "--extra cuda13" in err and "--allow-cpu" in err
 
 
