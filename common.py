@@ -1727,15 +1727,14 @@ def reencode(src, dst, side: int = REENCODE_SIDE, workers: int | None = None, qu
         return True
 
     tasks, files = [], 0
-    for split in ("train", "val"):
+    for split, split_side in (("train", side), ("val", val_side)):
         for cls in sorted(e.name for e in os.scandir(src / split) if e.is_dir()):
             for e in sorted(os.scandir(src / split / cls), key=lambda e: e.name):
                 if e.is_file():
                     files += 1
                     rel = f"{split}/{cls}/{e.name}"
                     if not unchanged(e.path, rel, e.stat()):
-                        tasks.append((e.path, str(dst / rel), rel, side if split == "train" else val_side,
-                                      quality))
+                        tasks.append((e.path, str(dst / rel), rel, split_side, quality))
     if not workers:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     print(f"reencode: {files - len(tasks)} of {files} files already done; {len(tasks)} to do in {workers} "
