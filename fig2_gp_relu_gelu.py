@@ -23,7 +23,6 @@ class Config(common.Flags):
     rhos: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
     activations: tuple[str, ...] = ("relu", "gelu")
     method: str = "gp_p1"
-    cpu_seeds: int = 8
 
 
 def runs(cfg: Config, base: common.TrainConfig) -> list[common.TrainConfig]:

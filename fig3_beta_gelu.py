@@ -25,7 +25,6 @@ class Config(common.Flags):
     activation: str = "beta_gelu"
     methods: tuple[str, ...] = ("sgd", "gp_p1")
     rho: float = 0.1  # of every method but sgd
-    cpu_seeds: int = 8
 
 
 def runs(cfg: Config, base: common.TrainConfig) -> list[common.TrainConfig]:

@@ -25,7 +25,6 @@ class Config(common.Flags):
     activations: tuple[str, ...] = ("relu", "gelu", "relu_aug", "gelu_dim")
     beta: float = 1.0  # width of relu_aug's Gaussian second derivative (ignored by the others)
     method: str = "gp_p1"
-    cpu_seeds: int = 8
 
 
 def runs(cfg: Config, base: common.TrainConfig) -> list[common.TrainConfig]:

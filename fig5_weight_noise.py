@@ -26,7 +26,6 @@ class Config(common.Flags):
     sigma2s: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     methods: tuple[str, ...] = ("weight_noise", "hessian_trace", "gn_trace")
     activations: tuple[str, ...] = ("relu", "gelu")
-    cpu_seeds: int = 8
     # 30 epochs in the CPU regime rather than its 50, so that 36 runs per seed fit the CPU budget.
     overrides: ClassVar[dict] = {"fashion_mnist": dict(epochs=30)}
 

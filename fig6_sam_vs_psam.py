@@ -24,7 +24,6 @@ class Config(common.Flags):
     rhos: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0)
     methods: tuple[str, ...] = ("sam", "gp_p1")  # gp_p1 is PSAM
     activations: tuple[str, ...] = ("relu", "gelu")
-    cpu_seeds: int = 8
     paper_seeds: int = 2  # as the paper
 
 

@@ -30,7 +30,6 @@ class Config(common.Flags):
     rhos: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0)  # 0: the shared sgd baseline
     methods: tuple[str, ...] = ("gp_p1", "gp_gn_p1")  # with H; with GN in its place
     activations: tuple[str, ...] = ("relu", "gelu")
-    cpu_seeds: int = 16
 
 
 def runs(cfg: Config, base: common.TrainConfig) -> list[common.TrainConfig]:

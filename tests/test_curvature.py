@@ -122,7 +122,7 @@ def test_trace_estimators_unbiased(kind, name, beta):
     mc_check(jax.jit(jax.vmap(lambda k: gn_trace_estimate(logits_fn, params, k)))(keys), float(jnp.trace(GN)))
 
 
-#### cse: the merged jaxpr computes the same function, with fewer FLOPs under reverse mode
+#### cse: the merged jaxpr computes the same function and the same derivatives (its saving: bench.py --analyze)
 
 
 def test_cse_merges_repeats_only():
@@ -136,11 +136,10 @@ def test_cse_merges_repeats_only():
     assert [e.primitive.name for e in eqns].count("sin") == 2
 
 
-@pytest.mark.optimized
 @pytest.mark.parametrize("name", ["gelu", "relu_aug"])
-def test_cse_of_nested_jvps_same_gradient_fewer_flops(name):
+def test_cse_of_nested_jvps_keeps_the_gradient(name):
     """∇(L + εᵀHε) through nested JVPs, as hessian_trace differentiates it: cse changes no derivative
-    (float64, to rounding) and removes the duplicated first-order stream's backward pass."""
+    (float64, to rounding)."""
     act = activation(name)
     keys = jax.random.split(jax.random.key(0), 8)
     ws = [jax.random.normal(k, (32, 32)) / 6.0 for k in keys[:4]]
@@ -160,7 +159,3 @@ def test_cse_of_nested_jvps_same_gradient_fewer_flops(name):
     plain, merged = jax.jit(jax.grad(objective)), jax.jit(jax.grad(cse(objective)))
     for a, b in zip(plain(ws), merged(ws)):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
-    flops = lambda f: f.lower(ws).compile().cost_analysis()["flops"]
-    ratio = flops(merged) / flops(plain)
-    # Custom-JVP calls are not merged, so relu_aug keeps part of the duplicate (wrn16_4: 0.94).
-    assert ratio < (0.88 if name == "gelu" else 0.97), ratio

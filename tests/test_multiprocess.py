@@ -2,7 +2,7 @@
 launch (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) on a free port, run a tiny Fig. 2
 sweep through the script's own main and are compared with 1 process × 4 devices: the same rows, files
 from process 0 only, disjoint recorded shards of every batch, exact resume after both processes die
-after a checkpoint, and a killed process ends the other with one line.
+after a checkpoint, and a dead or silent process ends the other with one line.
 
 Each process runs DRIVER: the script's main under run_cli as `__main__` does, with RunOptions fields
 that have no flag (record_batches, ckpt_dir cadence) and test-only faults set from a JSON argument.
@@ -194,23 +194,26 @@ def test_killed_after_a_checkpoint_the_rerun_is_exact(tmp_path, cache, reference
 
 
 @pytest.mark.slow
-def test_a_killed_process_ends_the_other_with_one_line(tmp_path, cache):
+def test_a_dead_or_silent_process_ends_the_other_with_one_line(tmp_path, cache):
     """SIGKILL one process mid-run (process 1 in one job; process 0, which hosts the coordinator, in
-    another): the other exits non-zero within 2 minutes. Process 1 killed: process 0's last output is
-    one line naming what happened (a failed collective, or the watchdog's silent peer), no traceback.
-    Process 0 killed: process 1 races JAX's client, which aborts (its own F-line and a C++ stack
-    trace) the moment the coordinator's socket closes; whichever comes first, no Python traceback."""
+    another), or SIGSTOP process 1 (a host gone silent: its connections stay open and no collective
+    fails): the other exits non-zero within 2 minutes, its last output one line naming what happened (a
+    failed collective, or the watchdog's dead or silent peer), no traceback. Process 0 killed: process 1
+    races JAX's client, which may abort (its own F-line and a C++ stack trace) as the coordinator's socket
+    closes; whichever comes first, no Python traceback."""
     argv = [("250" if f == "--epochs" else a) for f, a in zip([""] + TINY, TINY)]  # 1000 steps
-    jobs = {victim: Job(tmp_path / f"kill{victim}", argv, 2, cache, record_batches=str(tmp_path / f"rec{victim}"),
-                        peer_timeout_s=10.0) for victim in (1, 0)}
+    cases = {("kill", 1): signal.SIGKILL, ("kill", 0): signal.SIGKILL, ("stop", 1): signal.SIGSTOP}
+    jobs = {case: Job(tmp_path / f"{case[0]}{case[1]}", argv, 2, cache,
+                      record_batches=str(tmp_path / f"rec{case[0]}{case[1]}"), peer_timeout_s=10.0) for case in cases}
     try:
-        for victim, job in jobs.items():
-            while not any(len(f.read_text().splitlines()) > 3 for f in (tmp_path / f"rec{victim}").glob("*.txt")):
+        for (how, victim), job in jobs.items():
+            rec = tmp_path / f"rec{how}{victim}"
+            while not any(len(f.read_text().splitlines()) > 3 for f in rec.glob("*.txt")):
                 assert all(p.poll() is None for p in job.procs) and time.monotonic() - job.started < 240, job.log(0)
                 time.sleep(0.5)
-            job.procs[victim].kill()
+            job.procs[victim].send_signal(cases[how, victim])
             job.killed = time.monotonic()
-        for victim, job in jobs.items():
+        for (how, victim), job in jobs.items():
             survivor = job.procs[1 - victim]
             rc = survivor.wait(timeout=max(1.0, 120 - (time.monotonic() - job.killed)))
             took = time.monotonic() - job.killed
@@ -218,14 +221,18 @@ def test_a_killed_process_ends_the_other_with_one_line(tmp_path, cache):
             last = out.strip().splitlines()[-1]
             assert rc not in (0, None) and took < 120, (rc, took)
             assert "Traceback" not in out, out[-3000:]
-            want = "another process probably died|JAX process 1 of 2 stopped|lost the JAX coordinator"
+            want = ("JAX process 1 of 2 stopped \\(no sign of life" if how == "stop" else
+                    "another process probably died|JAX process 1 of 2 stopped|lost the JAX coordinator")
             ours = re.match(rf"error: process {1 - victim}: .*({want})", last)
             if victim == 1 or "Terminating process because the JAX distributed service" not in out:
                 assert ours and "Check failure" not in out, out[-3000:]
-            print(f"process {1 - victim} ended {took:.0f} s after process {victim} was killed (rc {rc}): "
-                  f"{last if ours else 'JAX abort'}")
+            print(f"process {1 - victim} ended {took:.0f} s after process {victim} got {cases[how, victim].name} "
+                  f"(rc {rc}): {last if ours else 'JAX abort'}")
     finally:
         for job in jobs.values():
+            for p in job.procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGCONT)
             job.kill()
 
 
