@@ -557,9 +557,9 @@ def plan(cfg, flags=None) -> list[dict]:
     """Print the cost of each --plan-scripts' paper setup on each --plan-datasets (flags: more
     Flags fields for every script, e.g. a smaller model for a test); returns one dict per sweep."""
     for ds in cfg.plan_datasets:
-        if ds == common.CPU_SETUP or ds not in common.SETUPS:
-            paper = [d for d in common.SETUPS if d != common.CPU_SETUP]
-            raise common.ConfigError(f"--plan-datasets: unknown dataset {ds!r}; accepted: {', '.join(paper)}")
+        if ds not in common.PAPER_SETUPS:
+            raise common.ConfigError(f"--plan-datasets: unknown dataset {ds!r}; accepted: "
+                                     f"{', '.join(common.PAPER_SETUPS)}")
     if not 0 < cfg.mfu <= 1:
         raise common.ConfigError(f"--mfu: {cfg.mfu} is not in (0, 1]")
     if cfg.compile_budget_s < 0:

@@ -574,39 +574,28 @@ def sgd(loss_fn, params, state, batch, key, hp) -> Step:
     return Step(g, state, loss)
 
 
-def gp(loss_fn, params, state, batch, key, hp, *, p: int = 1) -> Step:
-    """Gradient penalty L0 + ρ‖g‖^p by exact autodiff (Eq. 7-8, 46-47).
+def gp(loss_fn, params, state, batch, key, hp, *, p: int = 1, part: str = "H") -> Step:
+    """Gradient penalty L0 + ρ‖g‖^p by exact autodiff (Eq. 7-8, 46-47), and its two ablations.
 
-    p=1 (penalty SAM): g + ρ H g/‖g‖;  p=2 (penalty USAM): g + 2ρ H g. The Hessian-vector product
-    is forward-over-reverse (`hvp`; its primal gradient is the clean pass, merged by XLA; the README's
-    speed section compares it with double backprop). A finite-difference HVP would turn this into SAM
-    and remove the NME effect the paper studies.
+    p=1 (penalty SAM): g + ρ H g/‖g‖;  p=2 (penalty USAM): g + 2ρ H g, that is g + ρ H u with
+    u = ∂‖g‖^p/∂g. The Hessian-vector product is forward-over-reverse (`hvp`; its primal gradient is the
+    clean pass, merged by XLA). A finite-difference HVP would turn this into SAM and remove the NME
+    effect the paper studies. `part` names the curvature the update multiplies u by (MATH.md §3):
+    "H" (gp), "GN" (gp_gn: the NME taken out) or "NME" = H − GN (gp_nme: the NME alone), each of the
+    training-mode logits at θ, BatchNorm on batch statistics, so that d_gp = d_gp_gn + d_gp_nme − g.
+    The ablations follow no objective (GN is not a Hessian of L0 + ρ‖g‖^p).
     """
-    if p not in (1, 2):
-        raise ValueError(f"gp: p must be 1 or 2, got {p}")
+    if p not in (1, 2) or part not in ("H", "GN", "NME"):
+        raise ValueError(f"gp: p must be 1 or 2 and part H, GN or NME, got {p}, {part!r}")
     loss, new_state, g = _grad(loss_fn, params, state, batch)
     norm = jnp.sqrt(jnp.maximum(tree_dot(g, g), 1e-30))  # finite at g = 0
     u = jax.tree.map(lambda x: x / norm if p == 1 else 2 * x, g)  # ∂‖g‖^p/∂g
-    hu = hvp(_scalar(loss_fn, state, batch), params, u)
-    return Step(jax.tree.map(lambda a, b: a + hp.rho * b, g, hu), new_state, loss)
-
-
-def gp_gn(loss_fn, params, state, batch, key, hp, *, p: int = 1) -> Step:
-    """gp's update with H replaced by GN, all else equal (MATH.md §3, "gp_gn"): the NME ablation.
-
-    p=1: g + ρ GN g/‖g‖;  p=2: g + 2ρ GN g. u = ∂‖g‖^p/∂g exactly as in gp; GN u is `gnvp` (one JVP
-    and one VJP of the logits) of the training-mode logits at θ, BatchNorm on batch statistics, so
-    J is the Jacobian of the whole batch's logits, statistics included, as in gp's HVP. The update
-    differs from gp's by ρ NME u only; it follows no objective (GN is not a Hessian of L0 + ρ‖g‖^p).
-    """
-    if p not in (1, 2):
-        raise ValueError(f"gp_gn: p must be 1 or 2, got {p}")
-    loss, new_state, g = _grad(loss_fn, params, state, batch)
-    norm = jnp.sqrt(jnp.maximum(tree_dot(g, g), 1e-30))  # as gp: finite at g = 0
-    u = jax.tree.map(lambda x: x / norm if p == 1 else 2 * x, g)
-    logits = lambda w: loss_fn(w, state, batch)[1][1]
-    gnu = gnvp(logits, batch[1], params, u)
-    return Step(jax.tree.map(lambda a, b: a + hp.rho * b, g, gnu), new_state, loss)
+    if part != "GN":
+        hu = hvp(_scalar(loss_fn, state, batch), params, u)
+    if part != "H":
+        gnu = gnvp(lambda w: loss_fn(w, state, batch)[1][1], batch[1], params, u)
+    cu = hu if part == "H" else gnu if part == "GN" else jax.tree.map(jnp.subtract, hu, gnu)
+    return Step(jax.tree.map(lambda a, b: a + hp.rho * b, g, cu), new_state, loss)
 
 
 def _perturbed_grad(loss_fn, params, state, batch, delta):
@@ -689,8 +678,10 @@ RULES: dict[str, Callable[..., Step]] = {
     "sgd": sgd,
     "gp_p1": functools.partial(gp, p=1),
     "gp_p2": functools.partial(gp, p=2),
-    "gp_gn_p1": functools.partial(gp_gn, p=1),
-    "gp_gn_p2": functools.partial(gp_gn, p=2),
+    "gp_gn_p1": functools.partial(gp, p=1, part="GN"),
+    "gp_gn_p2": functools.partial(gp, p=2, part="GN"),
+    "gp_nme_p1": functools.partial(gp, p=1, part="NME"),
+    "gp_nme_p2": functools.partial(gp, p=2, part="NME"),
     "sam": sam,
     "usam": usam,
     "weight_noise": weight_noise,
@@ -949,30 +940,35 @@ class WRN(eqx.Module):
 
 
 class CNN(eqx.Module):
-    """(conv3x3-BN-act) x2 at `width`, 2x2 pool, (conv3x3-BN-act) x2 at 2*width, 2x2 pool, global
-    pool, linear. Average pooling keeps the activation the network's only nonlinearity."""
+    """(conv3x3-BN-act) x2 at `width`, 2x2 pool, (conv3x3-BN-act) x2 at 2*width, 2x2 pool, then global
+    pool and linear; or, with `side`, the input resized to side x side (as MLP) and the last feature map
+    flattened into the linear head: global pooling leaves a small CNN too little capacity to over-fit.
+    Average pooling keeps the activation the network's only nonlinearity."""
 
     convs: tuple
     pool: eqx.nn.AvgPool2d
     fc: eqx.nn.Linear
     act: Activation  # a pytree node: its beta is a leaf (see Activation)
+    side: int | None = eqx.field(static=True)
 
-    def __init__(self, width, num_classes, act, key, in_channels=3):
+    def __init__(self, width, num_classes, act, key, in_channels=3, side=None):
         k = _keys(key, 5)
         w2 = 2 * width
         self.convs = (ConvBN(in_channels, width, 3, 1, k[0]), ConvBN(width, width, 3, 1, k[1]),
                       ConvBN(width, w2, 3, 1, k[2]), ConvBN(w2, w2, 3, 1, k[3]))
         self.pool = eqx.nn.AvgPool2d(2, 2)
-        self.fc = _linear(w2, num_classes, k[4])
-        self.act = act
+        self.fc = _linear(w2 * (side // 4) ** 2 if side else w2, num_classes, k[4])
+        self.act, self.side = act, side
 
     def __call__(self, x, state, *, key=None):
+        if self.side:
+            x = jax.image.resize(x, (x.shape[0], self.side, self.side), "linear", antialias=True)
         for i, c in enumerate(self.convs):
             x, state = c(x, state)
             x = self.act(x)
             if i % 2:
                 x = self.pool(x)
-        return self.fc(_pool(x)), state
+        return self.fc(x.reshape(-1) if self.side else _pool(x)), state
 
 
 class Tiny(eqx.Module):
@@ -1029,12 +1025,13 @@ def _wrn(depth: str, width: str):
     return functools.partial(WRN, d, w)
 
 
-def _width(cls):
-    def make(width: str, depth: str | None = None):
-        if int(width) < 1 or (depth is not None and int(depth) < 1):
-            raise ConfigError(f"--model: {cls.__name__.lower()} width and depth must be >= 1, got {width}, {depth}")
+def _width(cls, second="depth"):
+    def make(width: str, other: str | None = None):
+        if int(width) < 1 or (other is not None and int(other) < (4 if second == "side" else 1)):
+            raise ConfigError(f"--model: {cls.__name__.lower()} width must be >= 1 and {second} >= "
+                              f"{4 if second == 'side' else 1}, got {width}, {other}")
         build = functools.partial(cls, int(width))
-        return (lambda *a: build(*a, depth=int(depth))) if depth else build
+        return (lambda *a: build(*a, **{second: int(other)})) if other else build
 
     return make
 
@@ -1045,7 +1042,7 @@ MODELS: dict[str, Callable] = {
     "resnet50": lambda: functools.partial(ResNet, Bottleneck, (3, 4, 6, 3)),
     "resnet18": lambda: functools.partial(ResNet, Basic, (2, 2, 2, 2)),
     r"wrn(\d+)_(\d+)": _wrn,  # e.g. wrn28_10
-    r"cnn(\d+)": _width(CNN),
+    r"cnn(\d+)(?:f(\d+))?": _width(CNN, "side"),  # cnn<width>[f<side>]: f14 resizes to 14x14, flattens
     r"mlp(\d+)(?:x(\d+))?": _width(MLP),  # mlp<width>[x<depth>], depth 2 by default
     "tiny": lambda: Tiny,
 }
@@ -1057,7 +1054,7 @@ def model_builder(name: str) -> Callable:
         if m := re.fullmatch(pattern, name):
             return make(*m.groups())
     raise ConfigError(f"--model: unknown model {name!r}; accepted: resnet50, resnet18, "
-                      "wrn<depth>_<width> (e.g. wrn28_10), cnn<width>, mlp<width>[x<depth>], tiny")
+                      "wrn<depth>_<width> (e.g. wrn28_10), cnn<width>[f<side>], mlp<width>[x<depth>], tiny")
 
 
 def make_model(name: str, num_classes: int, act: Activation, key, *, in_channels: int = 3):
@@ -1855,10 +1852,15 @@ class Hyper(collections.namedtuple("Hyper", [f.name for f in _ARRAYS], defaults=
 # Every setup, whole (MATH.md §4). A script's runs set activation, beta, method, rho and sigma2; a
 # script may change its setup (its Config's `overrides`), and a flag given changes both.
 SETUPS = {
-    # The CPU regime (MATH.md §5, README "The CPU regime"): a BN MLP memorising 1,024 Fashion-MNIST
-    # images of which 30% carry a wrong label, chosen by the curvature probe among five candidates.
+    # The CPU regimes (MATH.md §5, results/README.md): a BN MLP and a BN conv net over-fitting 1,024
+    # Fashion-MNIST images of which 30% carry a wrong label, each chosen by the curvature probe among
+    # candidates (results/regimes/).
     "fashion_mnist": TrainConfig(
         dataset="fashion_mnist", model="mlp256", epochs=50, batch_size=128, lr=0.05, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=1.0, augment=False, train_subset=1024,
+        test_subset=None, label_noise=0.3, dtype="float32", probe_every=0),
+    "fashion_mnist_cnn": TrainConfig(
+        dataset="fashion_mnist", model="cnn8f14", epochs=50, batch_size=128, lr=0.05, momentum=0.9, nesterov=True,
         weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=1.0, augment=False, train_subset=1024,
         test_subset=None, label_noise=0.3, dtype="float32", probe_every=0),
     # The paper's setups, cosine decay for both as in the paper.
@@ -1873,7 +1875,8 @@ SETUPS = {
 }
 
 
-CPU_SETUP = "fashion_mnist"  # the setup sized for a CPU; the others are the paper's, for an accelerator
+CPU_SETUP = "fashion_mnist"  # a script's default setup
+PAPER_SETUPS = ("cifar10", "imagenet")  # the paper's, for an accelerator; the others are sized for a CPU
 
 
 # --smoke on any dataset: a tiny model, one epoch (and one seed, the ends of each sweep: `run_script`).
@@ -2740,8 +2743,8 @@ def train_row(cfg: TrainConfig, seed: int, opts: RunOptions) -> dict:
 class _ScriptFlags:
     """The flags of every figure script besides the configuration's own (`Flags`)."""
 
-    dataset: str = setting(CPU_SETUP, one_of(SETUPS), help="the setup (SETUPS): fashion_mnist is the CPU regime, "
-                           "cifar10 and imagenet the paper's")
+    dataset: str = setting(CPU_SETUP, one_of(SETUPS), help="the setup (SETUPS): fashion_mnist and fashion_mnist_cnn "
+                           "are the CPU regimes (mlp256, cnn8f14), cifar10 and imagenet the paper's")
     seeds: int | None = setting(None, at_least(1), help="None: --cpu-seeds in the CPU regime, else --paper-seeds")
     first_seed: int = setting(0, at_least(0), help="seeds first_seed .. first_seed + seeds − 1: split a sweep "
                               "across jobs")
@@ -2795,7 +2798,7 @@ def seed_count(flags) -> int:
     """--seeds, else the script's cpu_seeds in the CPU regime and its paper_seeds on a paper setup."""
     if flags.seeds is not None:
         return flags.seeds
-    return flags.cpu_seeds if flags.dataset == CPU_SETUP else flags.paper_seeds
+    return flags.paper_seeds if flags.dataset in PAPER_SETUPS else flags.cpu_seeds
 
 def smoke_runs(configs: list) -> list:
     """The configs whose every swept numeric field is at its first or last value (every activation and
@@ -3374,7 +3377,7 @@ def report_verdicts(rows: list[dict], claims, path) -> list[dict]:
 def require_accelerator(flags) -> None:
     """A paper setup (cifar10, imagenet) where JAX sees only the CPU is a ConfigError: weeks of training,
     unless --allow-cpu (or --smoke, --plot-only)."""
-    if (flags.dataset != CPU_SETUP and jax.default_backend() == "cpu"
+    if (flags.dataset in PAPER_SETUPS and jax.default_backend() == "cpu"
             and not (flags.allow_cpu or flags.smoke or flags.plot_only)):
         raise ConfigError(f"--dataset {flags.dataset}: JAX sees only the CPU here, and the paper setup would take "
                           "weeks on it; install the accelerator build (uv run --extra cuda13 | cuda12 | tpu ...) "

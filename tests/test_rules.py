@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import common
 from common import BN, RULES, Hyper, activation, cross_entropy, hessian_trace_estimate, tree_normal
+from conftest import EPS32
 from nets import conv, mlp, problem
 
 RHO, SIGMA2 = 0.05, 0.01
@@ -66,6 +68,8 @@ def test_deterministic_rules_match_dense_formulas(act):
         "gp_p2": g + 2 * RHO * H @ g,  # Eq. 47
         "gp_gn_p1": g + RHO * GN @ g / n,  # MATH.md §3, gp_gn
         "gp_gn_p2": g + 2 * RHO * GN @ g,
+        "gp_nme_p1": g + RHO * (H - GN) @ g / n,  # MATH.md §3, gp_nme
+        "gp_nme_p2": g + 2 * RHO * (H - GN) @ g,
         "sam": jax.grad(L)(w + RHO * g / n),  # Eq. 42
         "usam": jax.grad(L)(w + RHO * g),  # Eq. 43
     }
@@ -75,13 +79,47 @@ def test_deterministic_rules_match_dense_formulas(act):
         np.testing.assert_allclose(flat_of(step.direction), ref, rtol=1e-10, atol=1e-13, err_msg=name)
         assert float(step.loss) == pytest.approx(float(L(w)), rel=1e-12)
     # The penalties move the direction by much more than the tolerance (the test can fail).
-    for name in ("gp_p1", "gp_p2", "gp_gn_p1", "gp_gn_p2", "sam", "usam"):
+    for name in ("gp_p1", "gp_p2", "gp_gn_p1", "gp_gn_p2", "gp_nme_p1", "gp_nme_p2", "sam", "usam"):
         assert float(jnp.linalg.norm(expect[name] - g)) > 1e-4 * float(n), name
     # gp_gn is gp with the NME taken out of the update: they differ by ρ NME ĝ, which is not small
     # (even for relu, whose NME keeps its cross-layer terms).
     gap = flat_of(steps["gp_p1"].direction) - flat_of(steps["gp_gn_p1"].direction)
     np.testing.assert_allclose(gap, RHO * (H - GN) @ g / n, rtol=1e-9, atol=1e-13)
     assert float(jnp.linalg.norm(gap)) > 0.05 * float(jnp.linalg.norm(expect["gp_p1"] - g))
+    # gp_gn and gp_nme split gp's correction: d_gp = d_gp_gn + d_gp_nme − g.
+    for p in (1, 2):
+        parts = [flat_of(steps[f"{r}_p{p}"].direction) for r in ("gp", "gp_gn", "gp_nme")]
+        np.testing.assert_allclose(parts[1] + parts[2] - g, parts[0], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name,twin_name", [("relu", "relu_aug"), ("gelu", "gelu_dim")])
+def test_an_activation_and_its_twin_step_alike_under_gp_gn_only(name, twin_name):
+    """φ″ enters an update only through the NME (MATH.md §2-§3), and gp_gn's update g + ρ GN ĝ uses first
+    derivatives alone: relu and relu_aug, gelu and gelu_dim give the same gp_gn direction to float32
+    rounding, on a BatchNorm conv net of the zoo in training mode. Under gp, and under gp_nme, whose
+    update is the NME alone, they differ by far more."""
+    x = jax.random.uniform(jax.random.key(1), (16, 1, 12, 12))
+    y = jnp.arange(16) % 10
+    model, state = common.make_model("cnn4", 10, activation(name), jax.random.key(0), in_channels=1)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def step(rule, act):
+        def loss_fn(p, st, b):
+            z, st = common.apply(common.with_act(eqx.combine(p, static), act), st, b[0])
+            return cross_entropy(z, b[1]), (st, z)
+
+        out = RULES[rule](loss_fn, params, state, (x, y), jax.random.key(2), hp(rho=0.3))
+        return flat_of(out.direction)
+
+    run_ = jax.jit(lambda: {(r, a): step(r, activation(a)) for r in ("sgd", "gp_gn_p1", "gp_p1", "gp_nme_p1")
+                            for a in (name, twin_name)})
+    d = run_()
+    g = d["sgd", name]
+    size = lambda r: float(jnp.linalg.norm(d[r, name] - g))  # noqa: E731 (the correction's size)
+    gap = lambda r: float(jnp.linalg.norm(d[r, name] - d[r, twin_name]))  # noqa: E731
+    assert gap("gp_gn_p1") <= 1e3 * EPS32 * size("gp_gn_p1"), (gap("gp_gn_p1"), size("gp_gn_p1"))
+    for r in ("gp_p1", "gp_nme_p1"):
+        assert gap(r) > 1e-2 * size(r), (r, gap(r), size(r))
 
 
 @pytest.mark.usefixtures("x64")
