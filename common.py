@@ -3271,13 +3271,15 @@ def verdict(c: Contrast, direction: str) -> str:
 class Claim:
     """One claim of the paper as a contrast (MATH.md §7): name, e.g. "Fig. 2"; label, the contrast in
     words, e.g. "gain(gelu) − gain(relu)"; at, where it is evaluated, e.g. "rho=0.1"; terms, as in
-    contrast(); direction, the paper's sign of the contrast: ">0", "<0" or "~0"."""
+    contrast(); direction, the paper's sign of the contrast: ">0", "<0" or "~0"; seeds, the seeds it is
+    judged on (None: all; a claim whose settings were chosen on some seeds is judged on the others)."""
 
     name: str
     label: str
     at: str
     terms: tuple
     direction: str
+    seeds: tuple | None = None
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -3309,7 +3311,8 @@ def judge(rows: list[dict], claims) -> list[dict]:
                  if f not in named and any(len(varying_field(c, f)) > 1 for c in cells.values())]
         groups: dict = {}
         for r in rows:
-            groups.setdefault(tuple(r.get(f, _DEFAULTS[f]) for f in extra), []).append(r)
+            if claim.seeds is None or int(r["seed"]) in claim.seeds:
+                groups.setdefault(tuple(r.get(f, _DEFAULTS[f]) for f in extra), []).append(r)
         for values, sub in groups.items():
             c = contrast(sub, claim.terms)
             early = first_seeds(c, max(c.n - 2, 0))
@@ -3387,8 +3390,9 @@ def require_accelerator(flags) -> None:
 def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc: str, argv=None, *,
                claims: Callable | None = None) -> None:
     """A figure script's main: flags -> runs -> CSV -> plot -> verdicts. `make_runs(cfg, base)` lists
-    the TrainConfigs of one seed; `plot(rows, png_path)` draws the CSV's rows; `claims(cfg)` lists the
-    paper's claims as Claims, judged on the rows into <name>.verdict.csv."""
+    the TrainConfigs of one seed; `plot(rows, png_path)` draws the CSV's rows; `claims(cfg, rows)` lists
+    the paper's claims as Claims (`rows`, the CSV's, for claims whose settings the data choose), judged
+    on the rows into <name>.verdict.csv."""
     flags = parse_config(config_cls, argv, doc)
     base, opts = resolve(flags)
     name = Path(script).stem
@@ -3414,7 +3418,7 @@ def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc
         rows = read_rows(csv_path)
         if not rows:
             raise ConfigError(f"--out: no results in {csv_path}" + (" to plot" if flags.plot_only else ""))
-        verdicts = report_verdicts(rows, claims(flags), out / f"{name}.verdict.csv") if claims else []
+        verdicts = report_verdicts(rows, claims(flags, rows), out / f"{name}.verdict.csv") if claims else []
         plot(rows, png_path, verdicts)
         print(f"{name}: plotted {png_path}")
 

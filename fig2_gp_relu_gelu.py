@@ -35,7 +35,7 @@ def plot(rows: list[dict], png_path, verdicts) -> None:
                       title="Fig. 2", verdicts=verdicts)
 
 
-def claims(cfg: Config) -> list[common.Claim]:
+def claims(cfg: Config, rows=()) -> list[common.Claim]:
     """gain(gelu, ρ) − gain(relu, ρ) > 0 at every ρ > 0 (MATH.md §7)."""
     return [common.Claim("Fig. 2", "gain(gelu) − gain(relu)", f"rho={rho:g}",
                          common.gain_terms({"activation": "gelu"}, {"activation": "relu"}, "rho", rho), ">0")

@@ -37,7 +37,7 @@ def plot(rows: list[dict], png_path, verdicts) -> None:
                       title="Fig. 3", verdicts=verdicts)
 
 
-def claims(cfg: Config) -> list[common.Claim]:
+def claims(cfg: Config, rows=()) -> list[common.Claim]:
     """G(β) = a(gp, β) − a(sgd, β) falls with β (MATH.md §7): G(β₀) − G(β) > 0 for the smallest β₀, and
     the least-squares slope of G against ln β, a linear contrast too, < 0."""
     gp, sgd = {"method": cfg.methods[-1], "rho": cfg.rho}, {"method": cfg.methods[0], "rho": 0.0}

@@ -37,7 +37,7 @@ def plot(rows: list[dict], png_path, verdicts) -> None:
                       title="Fig. 4", verdicts=verdicts)
 
 
-def claims(cfg: Config) -> list[common.Claim]:
+def claims(cfg: Config, rows=()) -> list[common.Claim]:
     """relu_aug rescues the penalty, gelu_dim breaks it, at every ρ > 0 (MATH.md §7)."""
     act = lambda name: {"activation": name}  # noqa: E731
     return [c for rho in cfg.rhos if rho > 0 for c in (

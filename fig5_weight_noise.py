@@ -40,7 +40,7 @@ def plot(rows: list[dict], png_path, verdicts) -> None:
                       verdicts=verdicts)
 
 
-def claims(cfg: Config) -> list[common.Claim]:
+def claims(cfg: Config, rows=()) -> list[common.Claim]:
     """gn_trace beats weight_noise and hessian_trace at every σ² > 0, per activation (MATH.md §7)."""
     return [common.Claim("Fig. 5", f"a(gn_trace) − a({other})", f"sigma2={s2:g}",
                          [(+1, {"method": "gn_trace", "sigma2": s2}), (-1, {"method": other, "sigma2": s2})], ">0")

@@ -37,7 +37,7 @@ def plot(rows: list[dict], png_path, verdicts) -> None:
                       title="Fig. 6", verdicts=verdicts)
 
 
-def claims(cfg: Config) -> list[common.Claim]:
+def claims(cfg: Config, rows=()) -> list[common.Claim]:
     """PSAM is activation-sensitive and SAM is not, at every ρ > 0 (MATH.md §7)."""
     sam, psam = {"method": "sam"}, {"method": "gp_p1"}
     out = []
