@@ -42,8 +42,8 @@ import jax
 import numpy as np
 
 import common
+import tools
 
-METHODS = (*common.RULES, "probe")  # every update rule in the registry, and the curvature probe
 COLUMNS = ("platform", "model", "dtype", "method", "step_ms", "images_per_s", "ratio_to_sgd", "compile_s",
            "peak_mem_mb")
 
@@ -52,7 +52,7 @@ COLUMNS = ("platform", "model", "dtype", "method", "step_ms", "images_per_s", "r
 class Config:
     steps: int = 20  # timed steps per rule (median reported)
     warmup: int = 2  # untimed steps after compilation
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = ()  # empty: every rule of the registry when the run starts, and "probe"
     configs: tuple[str, ...] = ()  # e.g. wrn16_4:128:32:float32; empty: the platform's default list
     pipeline_batches: int = 30
     imagenet_dir: str | None = None  # a real ImageNet folder for the pipeline benchmark
@@ -99,7 +99,7 @@ def time_rule(model_name, batch, size, dtype, method, cfg):
     x, y = jax.device_put((x, y), jax.sharding.NamedSharding(run.mesh, jax.P("data")))
     key = jax.random.key(1)
     if method == "probe":
-        lower = lambda: common.probe_step.lower(spec.net, spec.mean, spec.std, state[0], state[2], hp.beta, x, y,
+        lower = lambda: tools.probe_step.lower(spec.net, spec.mean, spec.std, state[0], state[2], hp.beta, x, y,
                                                 key)
         call = lambda compiled, state, i: (state, compiled(state[0], state[2], hp.beta, x, y, key))
     else:
@@ -260,7 +260,7 @@ def reencode_bench(cfg):
     """Images/s per core (one process, CPU time, the median of 5 passes with every transform interleaved
     image by image) of the ImageNet train and eval transforms on photo-like 500 x 375 JPEGs: full-size
     decoding (the reference), this repo's transforms on the original files, and on copies re-encoded by
-    common.reencode at each shorter side of REENCODE_SIDES; the re-encode's own rate per core; and what
+    tools.reencode at each shorter side of REENCODE_SIDES; the re-encode's own rate per core; and what
     the 224 train crop still sees at each side (crop_view)."""
     from PIL import Image
 
@@ -283,7 +283,7 @@ def reencode_bench(cfg):
                  for r, _, fs in os.walk(folders["original"]) for f in fs]
         t = time.process_time()
         for path, rel in files:
-            common._reencode_one((path, os.path.join(dst, rel), rel, side, 90))
+            tools._reencode_one((path, os.path.join(dst, rel), rel, side, 90))
         rows.append(dict(folder=f"side{side}", split="-", transform="reencode",
                          images_per_s_per_core=len(files) / (time.process_time() - t)))
         folders[f"side{side}"] = dst
@@ -341,8 +341,10 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, steps=5, warmup=1, pipeline_batches=5)
     if cfg.gpu_quick:
         cfg = dataclasses.replace(cfg, **GPU_QUICK)
+    accepted = (*common.RULES, "probe")  # the registry now: a rule added later counts
+    cfg = dataclasses.replace(cfg, methods=cfg.methods or accepted)
     for m in cfg.methods:
-        if m not in (accepted := (*common.RULES, "probe")):  # the registry now: a rule added later counts
+        if m not in accepted:
             raise common.ConfigError(f"--methods: unknown method {m!r}; accepted: {', '.join(accepted)}")
     specs = []
     for spec in cfg.configs or default_configs(jax.default_backend()):

@@ -2,10 +2,11 @@
 explains mysteries in Sharpness regularization" (arXiv 2401.10809).
 
 Sections, each using only those above it, in the order the data flows:
-    activations -> curvature -> curvature probe -> spectra -> update rules   (the math)
-    -> models -> data -> configuration -> training -> results
-    -> sweeps and the command line -> plots -> verdicts -> scripts (a figure script's main).
+    activations -> curvature -> update rules (the math) -> models -> data -> configuration -> training
+    -> results -> sweeps and the command line -> plots -> verdicts -> a figure script's main.
 MATH.md defines every quantity and the three corrections to the paper; equation numbers are the paper's.
+The instruments around a run (the curvature probe, spectra, ImageNet re-encoding, the results report)
+are in tools.py.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.stats
 from absl import flags as absl_flags
 from jax.scipy.special import erfc
 from jax.flatten_util import ravel_pytree
@@ -232,30 +234,6 @@ def gnvp(logits_fn: Callable, labels: jax.Array, params: PyTree, v: PyTree) -> P
     return vjp(w.astype(z.dtype))[0]
 
 
-def nmevp(logits_fn: Callable, labels: jax.Array, params: PyTree, v: PyTree) -> PyTree:
-    """Nonlinear Modeling Error product (H − GN) v = Σ ∇_z L · ∇²_θ z v (Eq. 2, second term)."""
-    loss = lambda p: cross_entropy(logits_fn(p), labels)
-    return jax.tree.map(jnp.subtract, hvp(loss, params, v), gnvp(logits_fn, labels, params, v))
-
-
-def hessian_trace_estimate(loss_fn: Callable, params: PyTree, key: jax.Array) -> jax.Array:
-    """One Hutchinson sample εᵀHε, ε ~ N(0, I): unbiased for tr(H)."""
-    eps = tree_normal(key, params)
-    return tree_dot(eps, hvp(loss_fn, params, eps))
-
-
-def gn_trace_estimate(logits_fn: Callable, params: PyTree, key: jax.Array) -> jax.Array:
-    """One sample of T̂ = B ‖∇_θ L0(θ, ŷ)‖², ŷ ~ Cat(softmax z) (Wei et al. 2020; Eq. 20).
-
-    For the batch-mean loss, E‖∇L0(θ, ŷ)‖² = tr(GN)/B (cross terms between examples vanish), so the
-    factor B makes T̂ unbiased for tr(GN) of the mean loss (MATH.md, correction to Eq. 20).
-    """
-    z = jax.lax.stop_gradient(logits_fn(params))
-    y_hat = jax.random.categorical(key, z.astype(jnp.float32))
-    g = jax.grad(lambda p: cross_entropy(logits_fn(p), y_hat))(params)
-    return z.shape[0] * tree_dot(g, g)
-
-
 def _hashable(v):
     try:
         hash(v)
@@ -296,246 +274,6 @@ def cse(fn: Callable) -> Callable:
         return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
     return merged
-
-
-#### Curvature probe (MATH.md §6) ##################################################################
-# What the NME does during training: Hessian, Gauss-Newton and NME products along the gradient, the
-# φ″ part of the NME (against the activation's twin), traces with standard errors, λ_max, and the
-# support of φ″, on a fixed probe batch.
-
-
-def lanczos_tridiagonal(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array,
-                        iters: int) -> jax.Array:
-    """The [iters, iters] tridiagonal matrix T = QᵀAQ of `iters` Lanczos steps on the symmetric
-    operator A = `matvec` from `v0`, with full reorthogonalisation (classical Gram-Schmidt, twice)
-    against the stored basis Q [iters, n].
-
-    If the Krylov space is exhausted early (a residual at rounding level), the remaining steps are
-    decoupled (zero off-diagonal) and their diagonal is T[0,0] = v0ᵀAv0/‖v0‖², a Rayleigh quotient
-    that cannot exceed the largest eigenvalue of the leading block, so λ_max(T) is unchanged.
-    """
-    n, dtype = v0.shape[0], v0.dtype
-    # After exhaustion only the matvec's rounding is left: 5-15 eps ‖A‖ on the tests' float64 nets, varying
-    # with the JAX version and the CPU; genuine couplings can be as small as 1e-3 ‖A‖ (float32, n = 10⁶).
-    # eps^¾ lies far from both: 1.8e-12 in float64, 6.4e-6 in float32.
-    tol = jnp.finfo(dtype).eps ** 0.75
-
-    def step(j, carry):
-        Q, alpha, off, q, scale, done = carry
-        Q = Q.at[j].set(q)
-        w = matvec(q)
-        alpha = alpha.at[j].set(jnp.vdot(q, w))
-        scale = jnp.maximum(scale, jnp.linalg.norm(w))  # ≤ ‖A‖: rounding is relative to this
-        for _ in range(2):  # with one pass, exhaustion goes undetected and spurious Ritz values > λ_max appear
-            w = w - Q.T @ (Q @ w)
-        b = jnp.linalg.norm(w)
-        done = done | (b <= tol * scale)
-        off = off.at[j].set(jnp.where(done, 0.0, b))
-        q = jnp.where(done, 0.0, w / jnp.where(done, 1.0, b))
-        return Q, alpha, off, q, scale, done
-
-    init = (jnp.zeros((iters, n), dtype), jnp.zeros(iters, dtype), jnp.zeros(iters, dtype),
-            v0 / jnp.linalg.norm(v0), jnp.zeros((), dtype), jnp.asarray(False))
-    _, alpha, off, *_ = jax.lax.fori_loop(0, iters, step, init)
-    live = jnp.cumprod(jnp.concatenate([jnp.ones(1, bool), off[:-1] > 0])).astype(bool)
-    alpha = jnp.where(live, alpha, alpha[0])  # steps after a breakdown ran on q = 0
-    return jnp.diag(alpha) + jnp.diag(off[:-1], 1) + jnp.diag(off[:-1], -1)
-
-
-def lanczos_max(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, iters: int) -> jax.Array:
-    """Largest (algebraic) Ritz value of the symmetric operator `matvec` after `iters` Lanczos steps
-    from `v0`: a lower bound on λ_max that is exact once `iters` reaches the Krylov dimension."""
-    return jnp.linalg.eigvalsh(lanczos_tridiagonal(matvec, v0, iters))[-1]
-
-
-def _mean_se(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sample mean and its standard error (sample std with ddof = 1, over √k)."""
-    k = samples.shape[0]
-    return samples.mean(), samples.std(ddof=1) / jnp.sqrt(k)
-
-
-def recorded_support(net: Callable, act: Callable, params: PyTree, x: jax.Array, beta) -> list[jax.Array]:
-    """Per call of `act` in `net` (a hidden layer), the fraction of its pre-activations with |u| < 1/β:
-    recorded by wrapping `act` while `net` traces (for nets that call it on the whole batch)."""
-    support = []
-
-    def recording(u):
-        support.append(jnp.mean(jnp.abs(u) < 1 / beta, dtype=jnp.promote_types(u.dtype, jnp.float32)))
-        return act(u)
-
-    net(recording, params, x)
-    return support
-
-
-OPERATORS = ("H", "GN", "NME", "H_twin", "phi2")  # phi2 = H − H_twin, the φ″ part of the NME (§6)
-
-
-def flat_operators(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x: jax.Array,
-                   y: jax.Array) -> tuple[dict[str, Callable], int]:
-    """({name: matvec} for every name in OPERATORS, n): the probe's symmetric operators on the
-    batch-mean cross-entropy of `net(act, params, x)` (MATH.md §1, §6), as products with flat
-    vectors of n = number of parameters (ravel_pytree order), in float32 or wider."""
-    logits_fn = lambda p: net(act, p, x)
-    loss_fn = lambda p: cross_entropy(logits_fn(p), y)
-    twin_loss_fn = lambda p: cross_entropy(net(twin_act, p, x), y)
-    flat, unravel = ravel_pytree(params)
-    ftype = jnp.promote_types(flat.dtype, jnp.float32)
-    flat_op = lambda op: (lambda v: ravel_pytree(op(unravel(v.astype(flat.dtype))))[0].astype(ftype))
-    h = flat_op(lambda v: hvp(loss_fn, params, v))
-    gn = flat_op(lambda v: gnvp(logits_fn, y, params, v))
-    h_twin = flat_op(lambda v: hvp(twin_loss_fn, params, v))
-    ops = {"H": h, "GN": gn, "NME": lambda v: h(v) - gn(v), "H_twin": h_twin, "phi2": lambda v: h(v) - h_twin(v)}
-    return ops, flat.shape[0]
-
-
-def probe(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x: jax.Array, y: jax.Array,
-          key: jax.Array, *, beta=1.0, samples: int = 8, iters: int = 20, support=recorded_support
-          ) -> dict[str, jax.Array]:
-    """Curvature diagnostics of the batch-mean cross-entropy of `net(act, params, x)` at `params`
-    (MATH.md §6), as a dict of scalars in float32 (float64 for float64 parameters).
-
-    `net(act, params, x) -> logits [B, C]` must be pure and deterministic (BatchNorm in inference
-    mode); `twin_act` is `act`'s twin (see `twin`). With g = ∇L and ĝ = g/‖g‖:
-      loss, grad_norm = ‖g‖, logit_grad_rms = RMS over examples of ‖softmax(z_i) − onehot(y_i)‖;
-      hg_norm, gng_norm, nmeg_norm = ‖Hĝ‖, ‖GNĝ‖, ‖NMEĝ‖ with NMEĝ = Hĝ − GNĝ;
-      nme_share = ‖NMEĝ‖/‖Hĝ‖, cos_h_gn = cos(Hĝ, GNĝ);
-      phi2_share = ‖Hĝ − H_twin ĝ‖/‖Hĝ‖, the φ″ part of the NME (H_twin: Hessian through twin_act);
-      tr_h, tr_h_se: Hutchinson εᵀHε, ε ~ N(0, I), mean and standard error of `samples` samples;
-      tr_gn, tr_gn_se: the same for T̂ = B‖∇_θ L(θ, ŷ)‖², ŷ ~ Cat(softmax z), unbiased for tr(GN);
-      tr_nme = tr_h − tr_gn, tr_nme_se = √(tr_h_se² + tr_gn_se²) (independent samples);
-      lam_h, lam_gn: λ_max of H and GN, Lanczos with `iters` steps from a start vector fixed by `key`;
-      support_0, support_1, ...: per call of `act` in `net` (hidden layer), the fraction of its
-        pre-activations with |u| < 1/β, the support of φ″, from `support(net, act, params, x, beta)`
-        (`recorded_support`, or the model zoo's own for per-example models). `beta` may be traced.
-    """
-    if samples < 2:
-        raise ValueError(f"probe needs samples >= 2 for a standard error, got {samples}")
-    logits_fn = lambda p: net(act, p, x)
-    loss_fn = lambda p: cross_entropy(logits_fn(p), y)
-    twin_loss_fn = lambda p: cross_entropy(net(twin_act, p, x), y)
-
-    # One forward pass gives the logits and a pullback for g and the T̂ samples.
-    z, pullback = jax.vjp(logits_fn, params)
-    batch = z.shape[0]
-    logp = jax.nn.log_softmax(z.astype(jnp.promote_types(z.dtype, jnp.float32)))
-    prob = jnp.exp(logp)
-    grad_at = lambda labels: pullback(((prob - jax.nn.one_hot(labels, z.shape[1], dtype=prob.dtype))
-                                       / batch).astype(z.dtype))[0]  # ∇_θ L(θ, labels)
-    g = grad_at(y)
-    grad_norm = tree_norm(g)
-    g_hat = jax.tree.map(lambda t: t / grad_norm.astype(t.dtype), g)
-    residual = prob - jax.nn.one_hot(y, z.shape[1], dtype=prob.dtype)
-
-    hg = hvp(loss_fn, params, g_hat)
-    gng = gnvp(logits_fn, y, params, g_hat)
-    nmeg = jax.tree.map(jnp.subtract, hg, gng)
-    phi2 = jax.tree.map(jnp.subtract, hg, hvp(twin_loss_fn, params, g_hat))
-    hg_norm, gng_norm = tree_norm(hg), tree_norm(gng)
-
-    ops, n = flat_operators(net, act, twin_act, params, x, y)
-    h_op, gn_op = ops["H"], ops["GN"]
-    ftype = jnp.promote_types(ravel_pytree(params)[0].dtype, jnp.float32)
-
-    # All random draws up front ((1 + samples) × n normals): three PRNG calls, each costly to compile.
-    k_normal, k_labels = jax.random.split(key)
-    normal = jax.random.normal(k_normal, (1 + samples, n), ftype)  # Lanczos start, then ε's
-    y_hat = jax.random.categorical(k_labels, logp, shape=(samples,) + y.shape)
-
-    def sampled_label_trace(labels):
-        g_y = grad_at(labels)
-        return batch * tree_dot(g_y, g_y)  # E‖∇L(ŷ)‖² = tr(GN)/B: cross-example terms vanish
-
-    tr_h, tr_h_se = _mean_se(jax.lax.map(lambda e: jnp.vdot(e, h_op(e)), normal[1:]))
-    tr_gn, tr_gn_se = _mean_se(jax.lax.map(sampled_label_trace, y_hat))
-    lam_h, lam_gn = lanczos_max(h_op, normal[0], iters), lanczos_max(gn_op, normal[0], iters)
-
-    out = {
-        "loss": cross_entropy(z, y), "grad_norm": grad_norm,
-        "logit_grad_rms": jnp.sqrt(jnp.mean(jnp.sum(jnp.square(residual), axis=-1))),
-        "hg_norm": hg_norm, "gng_norm": gng_norm, "nmeg_norm": tree_norm(nmeg),
-        "nme_share": tree_norm(nmeg) / hg_norm, "cos_h_gn": tree_dot(hg, gng) / (hg_norm * gng_norm),
-        "phi2_share": tree_norm(phi2) / hg_norm,
-        "tr_h": tr_h, "tr_h_se": tr_h_se, "tr_gn": tr_gn, "tr_gn_se": tr_gn_se,
-        "tr_nme": tr_h - tr_gn, "tr_nme_se": jnp.sqrt(tr_h_se**2 + tr_gn_se**2),
-        "lam_h": lam_h, "lam_gn": lam_gn,
-    } | {f"support_{i}": s for i, s in enumerate(support(net, act, params, x, beta))}
-    return {name: v.astype(ftype) for name, v in out.items()}
-
-
-#### Spectra (MATH.md §8) ##########################################################################
-# Spectral densities (stochastic Lanczos quadrature), extreme eigenvalues and Hutch++ traces of any
-# symmetric operator given as a matvec on flat vectors, and the probe's operators in that form.
-
-
-def rademacher(key: jax.Array, shape: tuple, dtype=jnp.float32) -> jax.Array:
-    """Independent ±1 entries: start and probe vectors with E[vvᵀ] = I and a fixed norm."""
-    return jax.random.rademacher(key, shape, dtype)
-
-
-def slq(matvec: Callable[[jax.Array], jax.Array], key: jax.Array, n: int, *, starts: int = 4, steps: int = 40,
-        dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """Stochastic Lanczos quadrature of the symmetric operator A = `matvec` on R^n (MATH.md §8):
-    (nodes, weights), each [starts, steps]. Row i is the Gauss rule of `steps` Lanczos steps
-    (`lanczos_tridiagonal`) from the i-th Rademacher start v_i: Ritz values θ_ij and weights
-    u_ij[0]², so that Σ_j w_ij θ_ijᵖ = v_iᵀAᵖv_i/‖v_i‖² for p ≤ 2·steps − 1, unbiased for tr(Aᵖ)/n.
-    Steps past an exhausted Krylov space carry weight 0."""
-    v = rademacher(key, (starts, n), dtype)
-    T = jax.lax.map(lambda v0: lanczos_tridiagonal(matvec, v0, steps), v)
-    theta, U = jnp.linalg.eigh(T)
-    return theta, jnp.square(U[:, 0, :])
-
-
-def slq_density(nodes: jax.Array, weights: jax.Array, grid: jax.Array, sigma) -> jax.Array:
-    """The SLQ density (1/k) Σ_i Σ_j w_ij N(λ; θ_ij, σ²) on `grid`: the spectral measure of A, each
-    eigenvalue of mass 1/n, smoothed by a Gaussian of width σ; integrates to 1."""
-    z = (grid[None, None, :] - nodes[..., None]) / sigma
-    pdf = jnp.exp(-0.5 * jnp.square(z)) / (sigma * math.sqrt(2 * math.pi))
-    return jnp.mean(jnp.sum(weights[..., None] * pdf, axis=1), axis=0)
-
-
-def ritz_extremes(nodes: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """(k largest ascending, k smallest ascending) Ritz values of one Lanczos run (nodes, weights
-    [steps]): approximations from inside of the k largest and k most negative eigenvalues. Values
-    of steps past an exhausted Krylov space (weight 0) are left out; too few live ones give NaN."""
-    live = weights > 0
-    top = jnp.sort(jnp.where(live, nodes, -jnp.inf))[-k:]
-    bottom = jnp.sort(jnp.where(live, nodes, jnp.inf))[:k]
-    return jnp.where(jnp.isfinite(top), top, jnp.nan), jnp.where(jnp.isfinite(bottom), bottom, jnp.nan)
-
-
-def hutchinson(matvec: Callable[[jax.Array], jax.Array], key: jax.Array, n: int, products: int,
-               dtype=jnp.float32) -> jax.Array:
-    """tr(A) ≈ the mean of vᵀAv over `products` Rademacher vectors: unbiased."""
-    v = rademacher(key, (products, n), dtype)
-    return jnp.mean(jax.lax.map(lambda u: jnp.vdot(u, matvec(u)), v))
-
-
-def hutchpp(matvec: Callable[[jax.Array], jax.Array], key: jax.Array, n: int, products: int,
-            dtype=jnp.float32) -> jax.Array:
-    """Hutch++ (Meyer, Musco, Musco & Woodruff 2021; MATH.md §8) with `products` ≥ 3 products of A:
-    Q = orth(A S) from s = products//3 Rademacher vectors, tr(QᵀAQ) exactly (s products), and
-    Hutchinson on (I − QQᵀ)A(I − QQᵀ) with the products − 2s left. Unbiased for any symmetric A; far
-    below Hutchinson's variance when A is PSD with a decaying spectrum."""
-    s = products // 3
-    if s < 1:
-        raise ValueError(f"hutchpp needs products >= 3, got {products}")
-    k_sketch, k_rest = jax.random.split(key)
-    Q, _ = jnp.linalg.qr(jax.lax.map(matvec, rademacher(k_sketch, (s, n), dtype)).T)  # [n, s]
-    exact = jnp.sum(Q.T * jax.lax.map(matvec, Q.T))
-    G = rademacher(k_rest, (products - 2 * s, n), dtype)
-    G = G - (G @ Q) @ Q.T
-    return exact + jnp.mean(jax.lax.map(lambda u: jnp.vdot(u, matvec(u)), G))
-
-
-def spectra(net: Callable, act: Callable, twin_act: Callable, params: PyTree, x: jax.Array, y: jax.Array,
-            key: jax.Array, *, operators: tuple[str, ...] = ("H", "GN", "NME"), starts: int = 4, steps: int = 40
-            ) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{operator: slq(...) (nodes, weights)} of each named operator of `flat_operators`, all from
-    the same `starts` Rademacher starts (paired across operators). The extreme eigenvalues are
-    `ritz_extremes` of a row; the density is `slq_density`."""
-    ops, n = flat_operators(net, act, twin_act, params, x, y)
-    dtype = jnp.promote_types(ravel_pytree(params)[0].dtype, jnp.float32)
-    return {name: slq(ops[name], key, n, starts=starts, steps=steps, dtype=dtype) for name in operators}
 
 
 #### Update rules (MATH.md §3) #####################################################################
@@ -687,6 +425,13 @@ RULES: dict[str, Callable[..., Step]] = {
     "weight_noise": weight_noise,
     "hessian_trace": hessian_trace,
     "gn_trace": gn_trace,
+}
+
+
+# The learning rate's multiplier: SCHEDULES[name](warmup steps, total steps) -> f(step), traceable. The
+# paper's: linear warm-up from 0, then cosine decay to 0 (Goyal et al.; Section 3).
+SCHEDULES: dict[str, Callable] = {
+    "cosine": lambda warmup, total: optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, max(total, warmup + 1)),
 }
 
 
@@ -1619,146 +1364,6 @@ def load_data(cfg, workers=None, data_dir=None):
 _load_small_cached = functools.lru_cache(maxsize=2)(load_small)  # a sweep decodes the files once
 
 
-# README "Re-encoding ImageNet": train at the largest side that decodes at >= 2x the originals' rate per
-# core (what the 224 crop still sees against images/s); val at the evaluation's own first resize, 256.
-REENCODE_SIDE = 224
-REENCODE_VAL_SIDE = eval_resize(224)  # 256
-
-
-REENCODE_MANIFEST = "reencode_manifest.csv"
-
-
-_MANIFEST_COLUMNS = ("path", "size", "mtime_ns", "sha256", "width", "height", "out_width", "out_height")
-
-
-def _reencode_one(task):
-    """Re-encode one file (worker process): shorter side down to `side` (never up), RGB, JPEG at
-    `quality`; a file already small enough and RGB JPEG is copied byte for byte, and an unreadable one
-    too (the pipeline logs and skips it, as it would the original). Written to a temporary name and
-    renamed, so a kill leaves no partial image. Returns its manifest row."""
-    src, dst, rel, side, quality = task
-    st = os.stat(src)
-    with open(src, "rb") as f:
-        raw = f.read()
-    row = {"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(raw).hexdigest(),
-           "width": 0, "height": 0, "out_width": 0, "out_height": 0}
-    out = raw
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            w, h = im.size
-            tw, th = (w, h) if min(w, h) <= side else (max(1, round(w * side / min(w, h))),
-                                                       max(1, round(h * side / min(w, h))))
-            if (tw, th) != (w, h) or im.format != "JPEG" or im.mode != "RGB":
-                im.draft("RGB", (tw, th))  # DCT-domain reduction to no less than the target
-                im = im.convert("RGB")
-                if im.size != (tw, th):
-                    im = im.resize((tw, th), Image.LANCZOS)
-                buf = io.BytesIO()
-                im.save(buf, "JPEG", quality=quality)
-                out = buf.getvalue()
-            row.update(width=w, height=h, out_width=tw, out_height=th)
-    except Exception as e:  # PIL raises many types on corrupt files; copied as is
-        logging.warning("reencode: copying unreadable image %s unchanged: %s", src, e)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.part{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(out)
-    os.replace(tmp, dst)
-    return row
-
-
-def _read_manifest(path) -> dict:
-    """{relative path: its last row} of a manifest; a partial last line (a kill mid-write) is cut."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        data = f.read()
-    keep = data[: data.rfind(b"\n") + 1]
-    if len(keep) < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
-    return {r["path"]: r for r in csv.DictReader(io.StringIO(keep.decode()))}
-
-
-def reencode(src, dst, side: int = REENCODE_SIDE, workers: int | None = None, quality: int = 90,
-             log_every_s: float = 30.0, val_side: int = REENCODE_VAL_SIDE) -> dict:
-    """Copy the ImageFolder `src` (train/<class>/*, val/<class>/*) to `dst` with the same layout and
-    file names, every image's shorter side reduced to `side` px in train and `val_side` px in val (never
-    enlarged), once, in `workers` processes (default: one per core). dst/reencode_manifest.csv records
-    each source file's path, size, mtime, SHA-256 and its sizes before and after, a row appended as each
-    file is done; a rerun (after an interruption, or on a grown source) skips a file whose row matches
-    its size and mtime (or, if only the mtime changed, its SHA-256) and whose output exists, and redoes
-    a changed one. dst made with other sides or quality is refused. Returns counts {"files", "done",
-    "skipped"}.
-
-    Point --data-dir at dst: the train random-resized crop and the eval resize run unchanged, on files
-    that decode several times faster (README "Re-encoding ImageNet")."""
-    import multiprocessing
-
-    src, dst = Path(src), Path(dst)
-    for d in (src / "train", src / "val"):
-        if not d.is_dir():
-            raise ConfigError(f"reencode SRC {src}: {d} does not exist; pass {ImageFolder.LAYOUT}")
-    if min(side, val_side) < 32 or not 1 <= quality <= 100:
-        raise ConfigError(f"reencode --side {side} and --val-side {val_side} must be >= 32 and --quality {quality} "
-                          "within 1..100")
-    if src.resolve() == dst.resolve():
-        raise ConfigError(f"reencode DST {dst}: must differ from SRC")
-    dst.mkdir(parents=True, exist_ok=True)
-    settings, made = {"side": side, "val_side": val_side, "quality": quality}, dst / "reencode.json"
-    if made.exists() and (old := json.loads(made.read_text())) != settings:
-        raise ConfigError(f"reencode DST {dst}: made with {old}, not {settings}; pass another DST")
-    made.write_text(json.dumps(settings))
-    manifest = dst / REENCODE_MANIFEST
-    done = _read_manifest(manifest)
-
-    refreshed = []  # rows of files whose mtime alone changed: recorded so the next run skips the hash
-
-    def unchanged(path, rel, st):
-        row = done.get(rel)
-        if row is None or int(row["size"]) != st.st_size or not (dst / rel).is_file():
-            return False
-        if int(row["mtime_ns"]) == st.st_mtime_ns:
-            return True
-        if _file_digest(path, "sha256") != row["sha256"]:
-            return False
-        refreshed.append(row | {"mtime_ns": st.st_mtime_ns})
-        return True
-
-    tasks, files = [], 0
-    for split, split_side in (("train", side), ("val", val_side)):
-        for cls in sorted(e.name for e in os.scandir(src / split) if e.is_dir()):
-            for e in sorted(os.scandir(src / split / cls), key=lambda e: e.name):
-                if e.is_file():
-                    files += 1
-                    rel = f"{split}/{cls}/{e.name}"
-                    if not unchanged(e.path, rel, e.stat()):
-                        tasks.append((e.path, str(dst / rel), rel, split_side, quality))
-    if not workers:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    print(f"reencode: {files - len(tasks)} of {files} files already done; {len(tasks)} to do in {workers} "
-          f"processes -> {dst}", flush=True)
-    fresh = not manifest.exists() or manifest.stat().st_size == 0
-    t0 = last = time.perf_counter()
-    with open(manifest, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_MANIFEST_COLUMNS)
-        if fresh:
-            w.writeheader()
-        w.writerows(refreshed)
-        if not tasks:
-            return {"files": files, "done": 0, "skipped": files}
-        # spawn, not fork: the parent has JAX's threads running
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for i, row in enumerate(pool.imap_unordered(_reencode_one, tasks, chunksize=16), 1):
-                w.writerow(row)
-                f.flush()
-                if time.perf_counter() - last > log_every_s or i == len(tasks):
-                    last = time.perf_counter()
-                    os.fsync(f.fileno())
-                    print(f"  {i} of {len(tasks)}  {i / (last - t0):,.0f} images/s", flush=True)
-    return {"files": files, "done": len(tasks), "skipped": files - len(tasks)}
-
-
 #### Configuration (MATH.md §4-§5) #################################################################
 # What a run trains, whole, in one place: TrainConfig (every field with its default, its check and
 # its flag: `setting`), the three setups (SETUPS), and a run's identity (its fields and seed) as the
@@ -1817,6 +1422,8 @@ class TrainConfig:
     epochs: float = setting(50, above(0))
     batch_size: int = setting(128, _device_multiple)
     lr: float = setting(0.05, above(0), array=True, help="ImageNet: 0.1 × batch/256 unless given (Goyal et al.)")
+    schedule: str = setting("cosine", one_of(SCHEDULES), help="the learning rate's multiplier over the steps "
+                            "(SCHEDULES)")
     momentum: float = setting(0.9, in_range(0, 1), array=True)
     nesterov: bool = setting(True)
     weight_decay: float = setting(5e-4, at_least(0), array=True)
@@ -1829,24 +1436,26 @@ class TrainConfig:
                                  "fixed across runs")
     dtype: str = setting("float32", one_of(("float32", "bfloat16")), help="bfloat16: bf16 compute, fp32 "
                          "parameters/optimizer/BN/loss/norms")
-    probe_every: int = setting(0, at_least(0), help="curvature probe every N steps (0: never)")
     image_size: int = setting(224, at_least(32), help="ImageNet only: the train and eval crop side (224: the "
                               "paper's; 64 or 128: downsampled ImageNet); ≥ 32, ResNet-50's output stride")
 
 
-_ARRAYS = [f for f in dataclasses.fields(TrainConfig) if f.metadata["array"]]
+@functools.cache
+def hyper_class(cls: type) -> type:
+    """The namedtuple of the fields of `cls` (TrainConfig or a subclass) marked array=True: what the step
+    reads of them as scalar arrays (a rule reads hp.rho, hp.sigma2, or a copied script's own), so that a
+    sweep over any of them compiles once."""
+    arrays = [f for f in dataclasses.fields(cls) if f.metadata["array"]]
+    return collections.namedtuple("Hyper", [f.name for f in arrays], defaults=[f.default for f in arrays])
 
 
-class Hyper(collections.namedtuple("Hyper", [f.name for f in _ARRAYS], defaults=[f.default for f in _ARRAYS])):
-    """The TrainConfig fields marked array=True, as scalar arrays: what the step reads of them (a
-    rule reads hp.rho or hp.sigma2), so that a sweep over any of them compiles once. A new rule's
-    scalar is one TrainConfig line."""
+Hyper = hyper_class(TrainConfig)
 
-    __slots__ = ()
 
-    @classmethod
-    def of(cls, cfg) -> "Hyper":
-        return cls(*(jnp.float32(getattr(cfg, f)) for f in cls._fields))
+def hyper(cfg):
+    """cfg's array fields as float32 scalars, in its class's Hyper."""
+    cls = hyper_class(type(cfg))
+    return cls(*(jnp.float32(getattr(cfg, f)) for f in cls._fields))
 
 
 # Every setup, whole (MATH.md §4). A script's runs set activation, beta, method, rho and sigma2; a
@@ -1858,20 +1467,20 @@ SETUPS = {
     "fashion_mnist": TrainConfig(
         dataset="fashion_mnist", model="mlp256", epochs=50, batch_size=128, lr=0.05, momentum=0.9, nesterov=True,
         weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=1.0, augment=False, train_subset=1024,
-        test_subset=None, label_noise=0.3, dtype="float32", probe_every=0),
+        test_subset=None, label_noise=0.3, dtype="float32"),
     "fashion_mnist_cnn": TrainConfig(
         dataset="fashion_mnist", model="cnn8f14", epochs=50, batch_size=128, lr=0.05, momentum=0.9, nesterov=True,
         weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=1.0, augment=False, train_subset=1024,
-        test_subset=None, label_noise=0.3, dtype="float32", probe_every=0),
+        test_subset=None, label_noise=0.3, dtype="float32"),
     # The paper's setups, cosine decay for both as in the paper.
     "cifar10": TrainConfig(
         dataset="cifar10", model="wrn28_10", epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
         weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=0.0, augment=True, train_subset=None,
-        test_subset=None, label_noise=0.0, dtype="float32", probe_every=0),
+        test_subset=None, label_noise=0.0, dtype="float32"),
     "imagenet": TrainConfig(  # lr: 0.1 × batch/256 (`for_dataset`)
         dataset="imagenet", model="resnet50", epochs=300, batch_size=256, lr=0.1, momentum=0.9, nesterov=False,
         weight_decay=1e-4, decay_norm_and_bias=False, warmup_epochs=5.0, augment=False, train_subset=None,
-        test_subset=None, label_noise=0.0, dtype="float32", probe_every=0),
+        test_subset=None, label_noise=0.0, dtype="float32"),
 }
 
 
@@ -1896,20 +1505,20 @@ class RunOptions:
     log: bool = setting(True)
     log_every_s: float = setting(30.0, at_least(0), help="without a terminal: at most one epoch line per this "
                                  "many seconds")
-    curves: str | None = setting(None, flag=False, help="CSV the curvature probe appends to (cfg.probe_every > 0)")
     record_batches: str | None = setting(None, flag=False, help="debug: folder where each process logs the "
                                          "examples it loads per step")
 
 
-def for_dataset(dataset: str, **overrides) -> TrainConfig:
-    """The setup of `dataset` (SETUPS) with `overrides`, those that are None ignored. ImageNet's lr
-    follows its batch size, 0.1 × batch/256 (Goyal et al. 2018), unless lr is given."""
+def for_dataset(dataset: str, cls: type = TrainConfig, **overrides) -> TrainConfig:
+    """The setup of `dataset` (SETUPS) as a `cls` (TrainConfig or a copied script's subclass) with
+    `overrides`, those that are None ignored. ImageNet's lr follows its batch size, 0.1 × batch/256
+    (Goyal et al. 2018), unless lr is given."""
     if accepted := one_of(SETUPS)(dataset):
         raise ConfigError(f"--dataset: got {dataset!r}; accepted: {accepted}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if dataset == "imagenet" and "lr" not in overrides:
         overrides["lr"] = 0.1 * overrides.get("batch_size", SETUPS[dataset].batch_size) / 256
-    return dataclasses.replace(SETUPS[dataset], **overrides)
+    return cls(**dataclasses.asdict(SETUPS[dataset]) | overrides)
 
 
 def validate(cfg) -> None:
@@ -1937,10 +1546,32 @@ def identity(cfg: TrainConfig, seed: int) -> dict:
     return {"seed": seed} | dataclasses.asdict(cfg)
 
 
-ID_FIELDS = ("seed",) + tuple(f.name for f in dataclasses.fields(TrainConfig))
+def _classes() -> tuple[type, ...]:
+    """TrainConfig and the subclasses defined in this process (a copied script's own scalars)."""
+    out = [TrainConfig]
+    for c in out:
+        out += [s for s in c.__subclasses__() if s not in out]
+    return tuple(out)
 
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+@functools.cache
+def _defaults_of(classes: tuple[type, ...]) -> dict:
+    out = {}
+    for c in classes:
+        for f in dataclasses.fields(c):
+            out.setdefault(f.name, f.default)
+    return out
+
+
+def defaults() -> dict:
+    """Every configuration field and its default, TrainConfig's first: a row's column that is missing
+    (a CSV written before the field existed, or by a script without it) means the default."""
+    return _defaults_of(_classes())
+
+
+def id_fields() -> tuple[str, ...]:
+    """A run's identity as CSV rows, resume and plots compare it: its seed and every configuration field."""
+    return ("seed", *defaults())
 
 
 def _fmt(v) -> str:
@@ -1954,20 +1585,23 @@ def _fmt(v) -> str:
         return str(v)
 
 
-def row_key(row: dict, fields=ID_FIELDS) -> tuple:
-    """The identity of a row, compared as text; a column the row lacks (a CSV written before the
-    field existed) counts as the field's default."""
-    return tuple(_fmt(row[f] if f in row else _DEFAULTS.get(f)) for f in fields)
+def row_key(row: dict, fields=None) -> tuple:
+    """The identity of a row (`fields`, by default `id_fields()`), compared as text; a column the row
+    lacks counts as the field's default."""
+    d = defaults()
+    return tuple(_fmt(row[f] if f in row else d.get(f)) for f in fields or id_fields())
 
 
 def _field(c, f: str) -> str:
     """Field f of a TrainConfig or a row, as `row_key` compares it."""
-    return _fmt(getattr(c, f) if isinstance(c, TrainConfig) else c.get(f, _DEFAULTS.get(f)))
+    d = defaults().get(f)
+    return _fmt(getattr(c, f, d) if isinstance(c, TrainConfig) else c.get(f, d))
 
 
-def varying(configs, fields=ID_FIELDS[1:]) -> list[str]:
-    """The `fields` (by default the TrainConfig's) whose values differ among `configs` (TrainConfigs or rows)."""
-    return [f for f in fields if len({_field(c, f) for c in configs}) > 1]
+def varying(configs, fields=None) -> list[str]:
+    """The `fields` (by default every configuration field) whose values differ among `configs`
+    (TrainConfigs or rows)."""
+    return [f for f in fields or id_fields()[1:] if len({_field(c, f) for c in configs}) > 1]
 
 
 def varying_field(rows: list[dict], f: str) -> set:
@@ -2003,6 +1637,7 @@ class StepSpec(NamedTuple):
     decay_norm_and_bias: bool
     warmup_steps: int
     total_steps: int
+    schedule: str
 
 
 @functools.cache
@@ -2014,13 +1649,12 @@ def skeleton(net: NetSpec):
 
 
 def make_optimizer(spec: StepSpec, hp: Hyper):
-    """(optax transform, schedule): SGD with (Nesterov) momentum, coupled weight decay and unit warm-up
-    + cosine schedule; the learning rate multiplies its output in the step. Weight decay and momentum
-    are arrays, so sweeping them compiles once. Order as PyTorch SGD: d = g + λθ; m = μm + d;
-    θ -= lr (d + μm | m)."""
+    """(optax transform, schedule): SGD with (Nesterov) momentum, coupled weight decay and the run's
+    schedule (SCHEDULES) as a multiplier; the learning rate multiplies its output in the step. Weight
+    decay and momentum are arrays, so sweeping them compiles once. Order as PyTorch SGD: d = g + λθ;
+    m = μm + d; θ -= lr (d + μm | m)."""
     mask = None if spec.decay_norm_and_bias else decay_mask
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 1.0, spec.warmup_steps,
-                                                  max(spec.total_steps, spec.warmup_steps + 1))
+    schedule = SCHEDULES[spec.schedule](spec.warmup_steps, spec.total_steps)
     return optax.chain(
         optax.add_decayed_weights(hp.weight_decay, mask),
         optax.trace(decay=hp.momentum, nesterov=spec.nesterov),
@@ -2069,42 +1703,6 @@ def eval_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, mask):
     nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
     correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
     return jnp.sum(correct * mask), jnp.sum(nll * mask), jnp.sum(mask)
-
-
-def inference_net(net: NetSpec, bn_state) -> Callable:
-    """The model as the probe's `net(act, params, x) -> logits`: inference mode, every activation `act`."""
-    static = skeleton(net)
-
-    def zoo(act, p, xb):
-        model = with_act(eqx.nn.inference_mode(eqx.combine(p, static)), act)
-        return apply(model, bn_state, xb)[0].astype(jnp.float32)
-
-    return zoo
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("samples", "iters"))
-def probe_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, samples=8, iters=20):
-    """`probe` of the model in inference mode on the batch (x uint8 NHWC, y): a dict of scalars."""
-    static = skeleton(net)
-    zoo = inference_net(net, bn_state)
-
-    def support(_, act, p, xb, beta):  # per example inside vmap, then the batch mean (no tracer escapes)
-        one = lambda a, w, xi: with_act(eqx.nn.inference_mode(eqx.combine(w, static)), a)(xi, bn_state)  # noqa: E731
-        return [r.mean() for r in jax.vmap(lambda xi: recorded_support(one, act, p, xi, beta))(xb)]
-
-    act = Activation(net.activation, beta)
-    return probe(zoo, act, twin(act), params, normalize(x, mean, std), y, key, beta=beta, samples=samples,
-                 iters=iters, support=support)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("operators", "starts", "steps"))
-def spectra_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, operators=("H", "GN", "NME"),
-                 starts=4, steps=40):
-    """`spectra` of the model in inference mode on the batch (x uint8 NHWC, y): {operator: (nodes,
-    weights)}, each [starts, steps]."""
-    act = Activation(net.activation, beta)
-    return spectra(inference_net(net, bn_state), act, twin(act), params, normalize(x, mean, std), y, key,
-                   operators=operators, starts=starts, steps=steps)
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -2308,12 +1906,12 @@ class _Log:
         self.tty = sys.stderr.isatty() and not os.environ.get("CI")
         self.t0 = self.last = time.perf_counter()
 
-    def __call__(self, step, loss, lr, images_per_s):
+    def __call__(self, step, loss, images_per_s):
         if not self.on:
             return
         now = time.perf_counter()
         if self.tty and step % 25 == 0:
-            print(f"\r step {step}/{self.total}  loss {loss:.4f}  lr {lr:.4g}  {images_per_s:,.0f} img/s",
+            print(f"\r step {step}/{self.total}  loss {loss:.4f}  {images_per_s:,.0f} img/s",
                   end="", file=sys.stderr, flush=True)
         elif not self.tty and (step + 1) % self.per_epoch == 0 and (now - self.last >= self.every_s
                                                                      or step + 1 == self.total):
@@ -2430,12 +2028,13 @@ def setup(cfg: TrainConfig, seed: int, data, opts: RunOptions = RunOptions()) ->
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
     net = NetSpec(cfg.model, cfg.activation, data.spec.num_classes, data.spec.shape[2])
     spec = StepSpec(net, cfg.method, cfg.dtype, cfg.augment, tuple(data.spec.mean), tuple(data.spec.std),
-                    cfg.nesterov, cfg.decay_norm_and_bias, int(round(cfg.warmup_epochs * steps_per_epoch)), total)
+                    cfg.nesterov, cfg.decay_norm_and_bias, int(round(cfg.warmup_epochs * steps_per_epoch)), total,
+                    cfg.schedule)
     k_init, k_steps = jax.random.split(jax.random.key(seed))
     model, bn_state = make_model(cfg.model, net.num_classes, Activation(cfg.activation), k_init,
                                  in_channels=net.in_channels)
     params = eqx.filter(model, eqx.is_inexact_array)
-    hp = Hyper.of(cfg)
+    hp = hyper(cfg)
     opt_state = make_optimizer(spec, hp)[0].init(params)
     mesh = data_mesh()
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
@@ -2455,16 +2054,6 @@ def _checkpoint(run: Run) -> None:
           {"diverged": run.diverged, "losses": run.losses, "identity": run.identity})
 
 
-def _unit_lr(spec: StepSpec, steps: np.ndarray) -> np.ndarray:
-    """make_optimizer's schedule in NumPy (optax's warmup_cosine_decay_schedule from 0 to 1 and back
-    to 0), so logging a learning rate costs no device computation and no read."""
-    warm, decay = spec.warmup_steps, max(spec.total_steps, spec.warmup_steps + 1)
-    steps = np.asarray(steps, np.float64)
-    rise = steps / warm if warm else np.ones_like(steps)
-    fall = 0.5 * (1 + np.cos(np.pi * np.clip(steps - warm, 0, decay - warm) / (decay - warm)))
-    return np.where(steps < warm, rise, fall)
-
-
 def _read(x) -> float:
     """The training loop's one device-to-host read per step (a step's loss), allowed explicitly so
     that a loop run under jax.transfer_guard_device_to_host("disallow") proves there is no other."""
@@ -2477,13 +2066,13 @@ def _examples(x, y) -> str:
     return " ".join(hashlib.sha1(a.tobytes() + b.tobytes()).hexdigest()[:12] for a, b in zip(x, y))
 
 
-def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run], None] | None = None) -> Run:
-    """Train `run` to its last step (or until its loss is not finite: `run.diverged`). With
-    cfg.probe_every = N > 0, callback(run) is called after every N-th step and after the last one.
-    Each step reads one number from the device (the previous step's loss, `_read`); the callback,
-    checkpoints and the multi-process save decision read on their own steps only."""
-    every = run.cfg.probe_every if callback else 0
-    lr = functools.partial(_unit_lr, run.spec)
+def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run], None] | None = None,
+        every: int = 0) -> Run:
+    """Train `run` to its last step (or until its loss is not finite: `run.diverged`). With every = N > 0,
+    callback(run) is called after every N-th step and after the last one (a diagnostic: the curvature
+    probe). Each step reads one number from the device (the previous step's loss, `_read`); the
+    callback, checkpoints and the multi-process save decision read on their own steps only."""
+    every = every if callback else 0
     batches = data.train(run.cfg.batch_size, seed=run.seed, start_step=run.step)
     log = _Log(run.total, run.steps_per_epoch, opts.log, opts.log_every_s)
     trace = None
@@ -2514,7 +2103,7 @@ def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run
             if t_loop is None:  # throughput from the end of the first (compiling) step
                 t_loop, images = time.perf_counter(), 0
             else:
-                log(pending[0], loss, run.cfg.lr * lr(pending[0]), images / (time.perf_counter() - t_loop))
+                log(pending[0], loss, images / (time.perf_counter() - t_loop))
         pending, run.step, images = (run.step, metrics), run.step + 1, images + run.cfg.batch_size
         if every and (run.step % every == 0 or run.step == run.total) and not run.diverged:
             with allow():
@@ -2533,7 +2122,7 @@ def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run
     if pending is not None:
         loss = record(pending)
         if t_loop:
-            log(pending[0], loss, run.cfg.lr * lr(pending[0]), images / (time.perf_counter() - t_loop))
+            log(pending[0], loss, images / (time.perf_counter() - t_loop))
     jax.block_until_ready(run.params)
     if t_loop:
         run.images_per_s = images / (time.perf_counter() - t_loop)
@@ -2563,6 +2152,14 @@ def evaluate(run: Run, data, opts: RunOptions = RunOptions()) -> dict:
 
 
 METRICS = ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "diverged", "steps", "wall_s")
+
+
+def row_fields(rows: list[dict]) -> list[str]:
+    """The identity fields of results rows: every configuration field, and every other column that is
+    not a measurement (a field of a copied script's subclass, known or not in this process), so that
+    plots and verdicts never average rows of two setups."""
+    measured = lambda c: c in METRICS or c.startswith("probe_")  # noqa: E731
+    return list(dict.fromkeys([*id_fields(), *(c for c in (rows[0] if rows else ()) if not measured(c))]))
 
 
 def _repair(path) -> None:
@@ -2638,99 +2235,29 @@ def _write_rows(path, rows, columns) -> None:
     os.replace(tmp, path)
 
 
-PROBE_BATCH = 512
-
-
-def _rows_upto(path, run: Run) -> list[dict]:
-    """This run's rows of a per-step CSV up to the step it starts from; its rows past it (a run
-    restarted without its checkpoint) are dropped from the file (process 0 writes)."""
-    rows = read_rows(path)
-    ident = row_key(run.identity)
-    kept = [r for r in rows if row_key(r) != ident or int(r["step"]) <= run.step]
-    if jax.process_index() == 0 and len(kept) < len(rows):
-        _write_rows(path, kept, list(rows[0]))
-    return [r for r in kept if row_key(r) == ident]
-
-
-class Prober:
-    """The curvature probe as fit's callback: on a fixed batch of about PROBE_BATCH training images
-    (a multiple of the device count), one row per call appended to `path` (the run's identity, step,
-    epoch and every probe value); `last` keeps the latest values. Rows of this run past the step it
-    starts from (a run restarted without its checkpoint) are dropped; those up to it are kept. With
-    `path` None it only holds the batch (for SpectraProber)."""
-
-    def __init__(self, run: Run, data, path):
-        n = jax.device_count()
-        size = min(-(-PROBE_BATCH // n) * n, data.n_train // n * n)
-        i, share = jax.process_index(), size // jax.process_count()  # this process's rows of the batch
-        self.x, self.y = _global(run.mesh, *(a[i * share:(i + 1) * share] for a in data.probe_batch(size)))
-        self.net, self.spec, self.path, self.last = run.spec.net, data.spec, path, {}
-        self.key = jax.random.fold_in(jax.random.key(run.seed), 1 << 30)  # apart from the step keys
-        if path is None:
-            return
-        ours = _rows_upto(path, run)
-        if ours:  # resumed: the values of its last probe so far
-            self.last = {k: float(v) for k, v in ours[-1].items() if k not in ID_FIELDS + ("step", "epoch")}
-
-    def __call__(self, run: Run) -> None:
-        got = probe_step(self.net, self.spec.mean, self.spec.std, run.params, run.bn_state, run.hp.beta,
-                         self.x, self.y, jax.random.fold_in(self.key, run.step))
-        self.last = {k: float(v) for k, v in got.items()}
-        if jax.process_index() == 0:
-            append_rows(self.path, [run.identity | {"step": run.step, "epoch": run.step / run.steps_per_epoch}
-                                    | self.last])
-
-
-class SpectraProber(Prober):
-    """The spectra (MATH.md §8) as fit's callback, on the Prober's fixed batch: at the steps in `at`
-    (every call if None), `spectra_step` of each operator, appended to `path` as one row per
-    (operator, start, node): the run's identity, step, epoch, operator, start, node, theta, weight."""
-
-    def __init__(self, run: Run, data, path, *, at=None, operators=("H", "GN", "NME"), starts=4, steps=40):
-        super().__init__(run, data, None)
-        self.path, self.at, self.kw = path, at, dict(operators=tuple(operators), starts=starts, steps=steps)
-        _rows_upto(path, run)
-
-    def __call__(self, run: Run) -> None:
-        if self.at is not None and run.step not in self.at:
-            return
-        got = spectra_step(self.net, self.spec.mean, self.spec.std, run.params, run.bn_state, run.hp.beta,
-                           self.x, self.y, jax.random.fold_in(self.key, run.step), **self.kw)
-        got = {name: (np.asarray(nodes, np.float64), np.asarray(w, np.float64)) for name, (nodes, w) in got.items()}
-        if jax.process_index() == 0:
-            head = run.identity | {"step": run.step, "epoch": run.step / run.steps_per_epoch}
-            append_rows(self.path, [head | {"operator": name, "start": i, "node": j, "theta": nodes[i, j],
-                                            "weight": w[i, j]}
-                                    for name, (nodes, w) in got.items()
-                                    for i in range(nodes.shape[0]) for j in range(nodes.shape[1])])
-
-
 def train(cfg: TrainConfig, seed: int, data=None, opts: RunOptions = RunOptions(),
-          callback: Callable[[Run], None] | None = None) -> dict:
-    """Train one model: setup, fit, evaluate. Returns METRICS (a non-finite loss ends the run early
-    and is recorded as `diverged`, never raised), images_per_s, and the final params and bn_state.
-    `data` defaults to load_data(cfg); tests pass an InMemory of their own. With cfg.probe_every > 0
-    and opts.curves set, the curvature probe appends to that CSV and its last values are returned as
-    probe_*; a `callback` replaces it."""
+          probe: Callable[[Run, Any], Callable[[Run], None]] | None = None, every: int = 0) -> dict:
+    """Train one model: setup, fit, evaluate. Returns METRICS (a non-finite loss ends the run early and
+    is recorded as `diverged`, never raised), images_per_s, and the final params, bn_state and probe.
+    `data` defaults to load_data(cfg); tests pass an InMemory of their own. A diagnostic: with `probe`,
+    probe(run, data) after setup gives fit's callback, called every `every` steps (tools.Prober)."""
     t_start = time.perf_counter()
     data = data if data is not None else load_data(cfg, opts.workers, opts.data_dir)
     run = setup(cfg, seed, data, opts)
-    if callback is None and cfg.probe_every and opts.curves:
-        callback = Prober(run, data, opts.curves)
-    run = fit(run, data, opts, callback)
+    callback = probe(run, data) if probe else None
+    run = fit(run, data, opts, callback, every)
     result = {"steps": run.step, "diverged": run.diverged, "images_per_s": run.images_per_s,
               "train_loss": float(np.mean(run.losses)) if run.losses else math.nan}
-    if isinstance(callback, Prober):
-        result |= {f"probe_{k}": v for k, v in callback.last.items()}
     result |= evaluate(run, data, opts)
-    result |= {"wall_s": time.perf_counter() - t_start, "params": run.params, "bn_state": run.bn_state}
+    result |= {"wall_s": time.perf_counter() - t_start, "params": run.params, "bn_state": run.bn_state,
+               "probe": callback}
     return result
 
 
 def train_row(cfg: TrainConfig, seed: int, opts: RunOptions) -> dict:
-    """One run's CSV columns after its identity: METRICS, and the last probe's values (probe_*)."""
+    """One run's CSV columns after its identity: METRICS."""
     r = train(cfg, seed, opts=opts)
-    return {k: r[k] for k in METRICS} | {k: v for k, v in r.items() if k.startswith("probe_")}
+    return {k: r[k] for k in METRICS}
 
 
 #### Sweeps and the command line ###################################################################
@@ -2757,6 +2284,8 @@ class _ScriptFlags:
     paper_seeds: int = setting(5, at_least(1))
     # A script's changes to a dataset's setup, {dataset: {field: value}}, applied before the flags.
     overrides: typing.ClassVar[dict[str, dict]] = {}
+    # What its runs are: TrainConfig, or a subclass with a copied script's own fields (README, "Extending").
+    train: typing.ClassVar[type] = TrainConfig
 
 
 def _optional(cls, shown: Callable[[type, str], str]) -> list:
@@ -2787,7 +2316,7 @@ def resolve(flags) -> tuple[TrainConfig, RunOptions]:
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"dataset"}
     given = {k: v for k, v in dataclasses.asdict(flags).items() if k in names and v is not None}
     changes = flags.overrides.get(flags.dataset, {}) | (SMOKE if flags.smoke else {})
-    base = for_dataset(flags.dataset, **(changes | given))
+    base = for_dataset(flags.dataset, flags.train, **(changes | given))
     opts = RunOptions(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(RunOptions)
                          if getattr(flags, f.name, None) is not None})
     return base, opts
@@ -2808,13 +2337,14 @@ def smoke_runs(configs: list) -> list:
     return [c for c in configs if all(_fmt(getattr(c, f)) in ends[f] for f in swept)]
 
 
-def check_setup(path, configs, fields=ID_FIELDS[1:]) -> None:
+def check_setup(path, configs, fields=None) -> None:
     """Refuse to add runs of another setup to a CSV: a field that is constant both among its rows and
     among the new runs, with different values, is a different setup (a swept field may differ).
     `configs` are TrainConfigs, or rows of a script that records its setup in other `fields`."""
     rows = read_rows(path)
     if not rows:
         return
+    fields = fields or id_fields()[1:]
     new_swept, old_swept = set(varying(configs, fields)), set(varying(rows, fields))
     ours = {f: _field(configs[0], f) for f in fields}
     theirs = {f: row_key(rows[0], (f,))[0] for f in fields}
@@ -2856,7 +2386,7 @@ def write_config(out_dir, name: str, flags, base: TrainConfig | None = None) -> 
     path.write_text(json.dumps({"calls": calls}, indent=2, default=str))
 
 
-def pending(path, items: list, identity_of: Callable[[Any], dict], fields=ID_FIELDS) -> list:
+def pending(path, items: list, identity_of: Callable[[Any], dict], fields=None) -> list:
     """The `items` whose row is not yet in the CSV at `path`, a row's identity being its `fields` of
     identity_of(item): what a rerun has left to do."""
     done = {row_key(r, fields) for r in read_rows(path)}
@@ -2954,7 +2484,7 @@ def run_cli(main: Callable[[], None]) -> None:
 def _curves(rows, x: str, facet: str | None):
     """{panel: {curve key: rows}}: one curve per distinct identity apart from x, facet and seed, so
     rows of different setups are never averaged."""
-    rest = [f for f in ID_FIELDS if f not in (x, facet, "seed")]
+    rest = [f for f in row_fields(rows) if f not in (x, facet, "seed")]
     panels: dict = {}
     for r in rows:
         panels.setdefault(r.get(facet) if facet else None, {}).setdefault(row_key(r, rest), []).append(r)
@@ -2982,7 +2512,7 @@ def plot_sweep(rows: list[dict], png_path, x: str, title: str, *, facet: str | N
         plot_contrasts(axes[0][-1], verdicts, x, logx, xlabel or x)
     labels = []
     for ax, (panel, curves) in zip(axes[0], sorted(panels.items(), key=lambda kv: str(kv[0]))):
-        differ = varying([r[0] for r in curves.values()])
+        differ = varying([r[0] for r in curves.values()], rest)
         for key, runs in curves.items():
             label = ", ".join(runs[0][f] if f in ("activation", "method") else f"{f}={runs[0][f]}" for f in differ)
             ok = lambda r: r["diverged"] != "True" and math.isfinite(float(r[y]))  # noqa: E731
@@ -3052,83 +2582,6 @@ def plot_contrasts(ax, verdicts: list[dict], x: str, logx: bool, xlabel: str) ->
 # that matches two rows for one seed is an error, not a mean.
 
 
-_CF_EPS, _CF_FPMIN, _CF_MAXIT = 1e-15, 1e-300, 100_000
-
-
-def _beta_cf(a: float, b: float, x: float) -> float:
-    """The continued fraction of the regularized incomplete beta function I_x(a, b), evaluated by
-    the modified Lentz method (Numerical Recipes' betacf); it converges fast for x < (a+1)/(a+b+2)."""
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > _CF_FPMIN else _CF_FPMIN)
-    h = d
-    for m in range(1, _CF_MAXIT + 1):
-        for aa in (m * (b - m) * x / ((qam + 2 * m) * (a + 2 * m)),
-                   -(a + m) * (qab + m) * x / ((a + 2 * m) * (qap + 2 * m))):
-            d, c = 1.0 + aa * d, 1.0 + aa / c
-            d = 1.0 / (d if abs(d) > _CF_FPMIN else _CF_FPMIN)
-            c = c if abs(c) > _CF_FPMIN else _CF_FPMIN
-            h *= d * c
-        if abs(d * c - 1.0) < _CF_EPS:
-            return h
-    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
-
-
-def _inc_beta(a: float, b: float, x: float, y: float, log_x: float, log_y: float) -> float:
-    """I_x(a, b) for 0 < x < 1, given y = 1 − x and both logarithms separately, because near x = 1
-    (the t tail at large df) 1 − x and log x cannot be recovered from x to full precision."""
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * log_x + b * log_y)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_cf(a, b, x) / a
-    return 1.0 - front * _beta_cf(b, a, y) / b
-
-
-def _t_tail(t: float, df: float) -> float:
-    """P(T > t) for T Student-t with df degrees of freedom and t ≥ 0: ½ I_{df/(df+t²)}(df/2, ½)."""
-    r = t * t / df
-    if r == 0.0:
-        return 0.5
-    log_x, log_y = -math.log1p(r), math.log(r) - math.log1p(r)
-    return 0.5 * _inc_beta(0.5 * df, 0.5, 1.0 / (1.0 + r), r / (1.0 + r), log_x, log_y)
-
-
-def _t_pdf(t: float, df: float) -> float:
-    """The Student-t density with df degrees of freedom at t."""
-    log_norm = math.lgamma(0.5 * (df + 1.0)) - math.lgamma(0.5 * df) - 0.5 * math.log(df * math.pi)
-    return math.exp(log_norm - 0.5 * (df + 1.0) * math.log1p(t * t / df))
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t distribution with df degrees of freedom: the t with P(T ≤ t) = p,
-    for 0 < p < 1 and real df ≥ 1; t(1 − p) = −t(p). Newton's method on the tail probability
-    (incomplete beta by continued fraction) inside a bisection bracket. Relative error below 1e-9 for
-    df ≤ 1e6 and 1e-12 ≤ p ≤ 1 − 1e-12; beyond df ≈ 1e7 the lgamma difference loses digits."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"t_quantile: p must lie in (0, 1), got {p}")
-    if not df >= 1.0:
-        raise ValueError(f"t_quantile: df must be >= 1, got {df}")
-    if p == 0.5:
-        return 0.0
-    tail, sign = (1.0 - p, 1.0) if p > 0.5 else (p, -1.0)
-    lo, hi = 0.0, 1.0  # invariant: _t_tail(lo) > tail >= _t_tail(hi)
-    while _t_tail(hi, df) > tail:
-        lo, hi = hi, 2.0 * hi
-    t = hi
-    for _ in range(400):
-        gap = _t_tail(t, df) - tail
-        if gap == 0.0:
-            break
-        lo, hi = (t, hi) if gap > 0.0 else (lo, t)
-        new = t + gap / _t_pdf(t, df)
-        if not lo < new < hi:
-            new = 0.5 * (lo + hi)
-        if abs(new - t) <= 1e-15 * t:
-            t = new
-            break
-        t = new
-    return sign * t
-
-
 @dataclasses.dataclass(frozen=True)
 class Contrast:
     """A per-seed paired contrast summarised over seeds (MATH.md §7), in accuracy points.
@@ -3181,7 +2634,7 @@ def _summarize(values: dict[int, float], missing: int, diverged: int) -> Contras
     v, n, nan = np.array(list(values.values()), dtype=float), len(values), math.nan
     mean = float(v.mean()) if n else nan
     sd = float(v.std(ddof=1)) if n >= 2 else nan
-    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n) if n >= 2 else nan
+    half = float(scipy.stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n >= 2 else nan
     return Contrast(values, n, mean, sd, half, mean - half, mean + half, missing, diverged)
 
 
@@ -3307,12 +2760,12 @@ def judge(rows: list[dict], claims) -> list[dict]:
         for r in rows:
             cells.setdefault(row_key(r, named), []).append(r)
         # fields swept apart from the named ones (not merely following them, as fig3's ρ follows the method)
-        extra = [f for f in varying(rows)
+        extra = [f for f in varying(rows, row_fields(rows)[1:])
                  if f not in named and any(len(varying_field(c, f)) > 1 for c in cells.values())]
         groups: dict = {}
         for r in rows:
             if claim.seeds is None or int(r["seed"]) in claim.seeds:
-                groups.setdefault(tuple(r.get(f, _DEFAULTS[f]) for f in extra), []).append(r)
+                groups.setdefault(tuple(r.get(f, defaults()[f]) for f in extra), []).append(r)
         for values, sub in groups.items():
             c = contrast(sub, claim.terms)
             early = first_seeds(c, max(c.n - 2, 0))
@@ -3368,7 +2821,7 @@ def report_verdicts(rows: list[dict], claims, path) -> list[dict]:
     return lines
 
 
-#### Scripts: a figure script's main, and the library's own command line ###########################
+#### A figure script's main ######################################################################
 # A figure script is its experiment: a Config extending Flags (the sweep's values), a function that
 # lists the runs' TrainConfigs, a plot and its claims; `run_script` does the rest. Each run is
 # identified by its whole TrainConfig and seed, and its CSV row holds all of them, so a copied script
@@ -3388,11 +2841,12 @@ def require_accelerator(flags) -> None:
 
 
 def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc: str, argv=None, *,
-               claims: Callable | None = None) -> None:
+               claims: Callable | None = None, runner: Callable | None = None) -> None:
     """A figure script's main: flags -> runs -> CSV -> plot -> verdicts. `make_runs(cfg, base)` lists
     the TrainConfigs of one seed; `plot(rows, png_path)` draws the CSV's rows; `claims(cfg, rows)` lists
     the paper's claims as Claims (`rows`, the CSV's, for claims whose settings the data choose), judged
-    on the rows into <name>.verdict.csv."""
+    on the rows into <name>.verdict.csv. `runner(flags, base, out)` gives the function that trains one
+    (TrainConfig, seed, RunOptions) into its row (default `train_row`; probe_nme.py's adds the probe)."""
     flags = parse_config(config_cls, argv, doc)
     base, opts = resolve(flags)
     name = Path(script).stem
@@ -3413,7 +2867,7 @@ def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc
             check_setup(csv_path, settings)
             write_config(out, name, flags, base)
         runs = [(tc, s) for s in range(flags.first_seed, flags.first_seed + seeds) for tc in settings]
-        sweep(csv_path, runs, dataclasses.replace(opts, curves=str(out / f"{name}.curves.csv")))
+        sweep(csv_path, runs, opts, runner(flags, base, out) if runner else train_row)
     if lead:
         rows = read_rows(csv_path)
         if not rows:
@@ -3422,24 +2876,3 @@ def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc
         plot(rows, png_path, verdicts)
         print(f"{name}: plotted {png_path}")
 
-
-def _main(argv=None) -> None:
-    """uv run common.py reencode SRC DST [--side N] [--val-side N] [--workers N] [--quality Q]"""
-    p = _Parser(prog="common.py", description="One-time jobs of the library.")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("reencode", help=reencode.__doc__.split("\n\n")[0])
-    r.add_argument("src", help="ImageNet folder (train/<class>/*.JPEG, val/<class>/*.JPEG)")
-    r.add_argument("dst", help="new folder, same layout; pass it as --data-dir")
-    r.add_argument("--side", type=int, default=REENCODE_SIDE,
-                   help=f"shorter side of train images in px (default {REENCODE_SIDE})")
-    r.add_argument("--val-side", type=int, default=REENCODE_VAL_SIDE,
-                   help=f"shorter side of val images in px (default {REENCODE_VAL_SIDE}, the evaluation's resize)")
-    r.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
-    r.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
-    a = p.parse_args(argv)
-    got = reencode(a.src, a.dst, a.side, a.workers, a.quality, val_side=a.val_side)
-    print(f"reencode: {got['done']} files written, {got['skipped']} already done, {got['files']} in {a.dst}")
-
-
-if __name__ == "__main__":
-    run_cli(_main)

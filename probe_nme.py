@@ -36,13 +36,13 @@ Measured numbers (the probe's means over training, and what the spectra show) ar
 import dataclasses
 import functools
 import math
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 import common
+import tools
 
 @dataclasses.dataclass(frozen=True)
 class Config(common.Flags):
@@ -63,10 +63,15 @@ class Config(common.Flags):
 
 
 def runs(cfg: Config, base: common.TrainConfig) -> list[common.TrainConfig]:
-    every = max(1, common.run_steps(base)[1] // cfg.probes)
     acts = [(a, b) for a in cfg.activations for b in (cfg.betas if a == "beta_gelu" else (1.0,))]
-    return [dataclasses.replace(base, activation=a, beta=b, method=m, rho=0.0 if m == "sgd" else cfg.rho,
-                                probe_every=every) for m in cfg.methods for a, b in acts]
+    return [dataclasses.replace(base, activation=a, beta=b, method=m, rho=0.0 if m == "sgd" else cfg.rho)
+            for m in cfg.methods for a, b in acts]
+
+
+def runner(cfg: Config, base: common.TrainConfig, out: Path):
+    """Each run with the probe `cfg.probes` times, evenly spaced, its rows in probe_nme.curves.csv."""
+    every = max(1, common.run_steps(base)[1] // cfg.probes)
+    return functools.partial(tools.probe_row, curves=out / "probe_nme.curves.csv", every=every)
 
 
 PANELS = {"phi2_share": "φ″ share ‖(H − H_twin)ĝ‖/‖Hĝ‖", "nme_share": "NME share ‖NMEĝ‖/‖Hĝ‖",
@@ -156,32 +161,24 @@ def spectra_paths(out: Path) -> dict[str, Path]:
             (("runs", ".csv"), ("nodes", ".nodes.csv"), ("eigs", ".eigs.csv"), ("png", ".png"))}
 
 
-def spectra_steps(total: int, fractions) -> tuple[int, list[int]]:
-    """(probe_every, the steps whose spectra are taken): the fractions of `total` rounded to
-    multiples of their greatest common divisor, so that fit's callback lands on each."""
-    at = sorted({max(1, min(total, round(f * total))) for f in fractions})
-    every = functools.reduce(math.gcd, at)
-    return every, at
+def spectra_points(total: int, fractions) -> list[int]:
+    """The steps whose spectra are taken: the fractions of `total`, rounded."""
+    return sorted({max(1, min(total, round(f * total))) for f in fractions})
 
 
 def spectra_runs(cfg: Config, base: common.TrainConfig) -> list[common.TrainConfig]:
-    every, _ = spectra_steps(common.run_steps(base)[1], cfg.spectra_at)
-    return [dataclasses.replace(base, activation=a, method=m, rho=0.0 if m == "sgd" else cfg.spectra_rho,
-                                probe_every=every) for m in cfg.spectra_methods for a in cfg.spectra_activations]
+    return [dataclasses.replace(base, activation=a, method=m, rho=0.0 if m == "sgd" else cfg.spectra_rho)
+            for m in cfg.spectra_methods for a in cfg.spectra_activations]
 
 
 def spectra_row(cfg: Config, nodes_path, tc: common.TrainConfig, seed: int, opts: common.RunOptions) -> dict:
-    """One run: `common.train`'s setup, fit and evaluate, with the spectra as fit's callback."""
-    t0 = time.perf_counter()
-    data = common.load_data(tc, opts.workers, opts.data_dir)
-    run = common.setup(tc, seed, data, opts)
-    _, at = spectra_steps(run.total, cfg.spectra_at)
-    probe = common.SpectraProber(run, data, nodes_path, at=set(at), operators=cfg.spectra_operators,
-                                 starts=cfg.spectra_starts, steps=cfg.spectra_steps)
-    run = common.fit(run, data, opts, probe)
-    out = {"steps": run.step, "diverged": run.diverged,
-           "train_loss": float(np.mean(run.losses)) if run.losses else math.nan} | common.evaluate(run, data, opts)
-    return {k: out.get(k) for k in common.METRICS if k != "wall_s"} | {"wall_s": time.perf_counter() - t0}
+    """One run of `common.train` with the spectra as fit's callback at cfg.spectra_at of its steps."""
+    def probe(run, data):  # asked after every step, it takes the spectra at the steps `at` alone
+        return tools.SpectraProber(run, data, nodes_path, at=set(spectra_points(run.total, cfg.spectra_at)),
+                                   operators=cfg.spectra_operators, starts=cfg.spectra_starts, steps=cfg.spectra_steps)
+
+    r = common.train(tc, seed, opts=opts, probe=probe, every=1)
+    return {k: r[k] for k in common.METRICS}
 
 
 def spectra_main(cfg: Config) -> None:
@@ -191,8 +188,8 @@ def spectra_main(cfg: Config) -> None:
     common.require_accelerator(cfg)
     if seeds < 1 or cfg.first_seed < 0:
         raise common.ConfigError(f"--seeds must be >= 1 and --first-seed >= 0, got {seeds} and {cfg.first_seed}")
-    checks = {"--spectra-operators": (all(o in common.OPERATORS for o in cfg.spectra_operators),
-                                      f"names among {' '.join(common.OPERATORS)}"),
+    checks = {"--spectra-operators": (all(o in tools.OPERATORS for o in cfg.spectra_operators),
+                                      f"names among {' '.join(tools.OPERATORS)}"),
               "--spectra-starts": (cfg.spectra_starts >= 1, "an integer >= 1"),
               "--spectra-steps": (cfg.spectra_steps >= 3, "an integer >= 3"),
               "--spectra-at": (all(0 < f <= 1 for f in cfg.spectra_at), "fractions in (0, 1]")}
@@ -246,27 +243,26 @@ def eigenvalues(nodes: list[dict], k: int = 3) -> list[dict]:
     for (method, act, step, op), (epoch, by_start) in sorted(m.items()):
         for seed in sorted({s for s, _ in by_start}):
             gn = m.get((method, act, step, "GN"), (0, {}))[1].get((seed, 0))
-            lam_gn = float(gn[0][gn[1] > 0].max()) if gn else math.nan
+            lam_gn = float(tools.ritz_extremes(*gn, 1)[0][0]) if gn else math.nan
             eps = EPS * lam_gn
             starts = [v for (s, _), v in sorted(by_start.items()) if s == seed]
-            th, w = by_start[seed, 0]
-            live = np.sort(th[w > 0])
+            top, bottom = tools.ritz_extremes(*by_start[seed, 0], k)
             row = {"method": method, "activation": act, "seed": seed, "step": step, "epoch": epoch, "operator": op,
                    "lam_gn_max": lam_gn, "eps": eps,
                    "mass_below_eps": float(np.mean([w[t < -eps].sum() for t, w in starts])),
                    "mass_above_eps": float(np.mean([w[t > eps].sum() for t, w in starts])),
                    "trace_over_n": float(np.mean([(w * t).sum() for t, w in starts]))}
-            row |= {f"top_{i + 1}": float(live[-1 - i]) if i < len(live) else math.nan for i in range(k)}
-            row |= {f"bottom_{i + 1}": float(live[i]) if i < len(live) else math.nan for i in range(k)}
+            row |= {f"top_{i + 1}": float(top[-1 - i]) for i in range(k)}
+            row |= {f"bottom_{i + 1}": float(bottom[i]) for i in range(k)}
             rows.append(row)
     return rows
 
 
 def density(by_start: dict, grid: np.ndarray, sigma: float) -> np.ndarray:
-    """The SLQ density (common.slq_density) pooled over seeds and starts."""
+    """The SLQ density (tools.slq_density) pooled over seeds and starts."""
     nodes = np.stack([t for t, _ in by_start.values()])
     weights = np.stack([w for _, w in by_start.values()])
-    return np.asarray(common.slq_density(nodes, weights, grid, sigma))
+    return np.asarray(tools.slq_density(nodes, weights, grid, sigma))
 
 
 SIGMA = 0.01  # smoothing width, as a fraction of the plotted range (MATH.md §8)
@@ -279,7 +275,7 @@ def plot_spectra(nodes: list[dict], png_path) -> None:
     import matplotlib.pyplot as plt
 
     m = measures(nodes)
-    ops = [o for o in common.OPERATORS if any(k[3] == o for k in m)]
+    ops = [o for o in tools.OPERATORS if any(k[3] == o for k in m)]
     settings = sorted({k[:2] for k in m}, key=lambda s: (s[0] != "sgd", s[0], s[1] != "relu", s[1]))
     steps = sorted({k[2] for k in m})
     fig, axes = plt.subplots(len(ops), len(settings), figsize=(3.6 * len(settings), 2.8 * len(ops)), squeeze=False)
@@ -333,7 +329,7 @@ def main(argv=None):
     if cfg.spectra:
         spectra_main(cfg)
     else:
-        common.run_script(__file__, Config, runs, plot, __doc__, argv)
+        common.run_script(__file__, Config, runs, plot, __doc__, argv, runner=runner)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,33 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from common import (activation, cross_entropy, cse, gn_trace_estimate, gnvp, hessian_trace_estimate, hvp,
-                    nmevp)
+from common import activation, cross_entropy, cse, gnvp, hvp, tree_dot, tree_normal
 from nets import problem
 
 pytestmark = pytest.mark.usefixtures("x64")
 
 ACTS = [("relu", 1.0), ("gelu", 1.0), ("beta_gelu", 3.0), ("relu_aug", 1.0), ("gelu_dim", 1.0)]
+
+
+def nmevp(logits_fn, labels, params, v):
+    """NME v = H v − GN v (Eq. 2, second term), from the library's two products."""
+    loss = lambda p: cross_entropy(logits_fn(p), labels)
+    return jax.tree.map(jnp.subtract, hvp(loss, params, v), gnvp(logits_fn, labels, params, v))
+
+
+def hessian_trace_estimate(loss_fn, params, key):
+    """One Hutchinson sample εᵀHε, ε ~ N(0, I), as hessian_trace and the probe draw it: unbiased for tr(H)."""
+    eps = tree_normal(key, params)
+    return tree_dot(eps, hvp(loss_fn, params, eps))
+
+
+def gn_trace_estimate(logits_fn, params, key):
+    """One sample of T̂ = B ‖∇_θ L0(θ, ŷ)‖², ŷ ~ Cat(softmax z), as gn_trace and the probe draw it
+    (correction 3 of MATH.md: the factor B makes it unbiased for tr(GN) of the batch-mean loss)."""
+    z = jax.lax.stop_gradient(logits_fn(params))
+    y_hat = jax.random.categorical(key, z)
+    g = jax.grad(lambda p: cross_entropy(logits_fn(p), y_hat))(params)
+    return z.shape[0] * tree_dot(g, g)
 
 
 def dense(logits_fn, y, params):

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import common
+import tools
 from common import (DATASET_SPECS, ConfigError, ImageFolder, augment_small, eval_batches, load_small, normalize,
                     small_batches)
 
@@ -378,12 +379,14 @@ def test_image_size_is_checked_and_imagenet_only():
         common.validate(common.for_dataset("cifar10", model="tiny", image_size=64))
 
 
-def test_committed_rows_without_image_size_keep_their_identity():
-    """CSVs written before the field existed count a missing column as its default, 224."""
-    rows = list(csv.DictReader(open(REPO / "results" / "fig4_aug_dim.csv")))
-    assert "image_size" not in rows[0]
-    assert common.row_key(rows[0]) == common.row_key(rows[0] | {"image_size": "224"})
-    assert common.row_key(rows[0]) != common.row_key(rows[0] | {"image_size": "64"})
+def test_a_column_missing_from_an_older_csv_means_the_default():
+    """A row written before a field existed (image_size, schedule) has the identity of the row with the
+    field's default, and not that of another value."""
+    row = {k: str(v) for k, v in common.identity(common.SETUPS["fashion_mnist"], 3).items()}
+    old = {k: v for k, v in row.items() if k not in ("image_size", "schedule")}
+    assert common.row_key(old) == common.row_key(row)
+    assert common.row_key(old) != common.row_key(row | {"image_size": "64"})
+    assert common.row_key(old) != common.row_key(row | {"schedule": "other"})
 
 
 # ---- reencode ------------------------------------------------------------------
@@ -395,11 +398,11 @@ def _files(root):
 
 def test_reencode_keeps_the_layout_and_writes_the_manifest(imagenet_dir, tmp_path):
     dst = tmp_path / "small"
-    got = common.reencode(imagenet_dir, dst, side=64, workers=2, log_every_s=0, val_side=48)
+    got = tools.reencode(imagenet_dir, dst, side=64, workers=2, log_every_s=0, val_side=48)
     assert got == {"files": 41, "done": 41, "skipped": 0}
     assert json.loads((dst / "reencode.json").read_text()) == {"side": 64, "val_side": 48, "quality": 90}
     assert _files(dst) == _files(imagenet_dir)
-    manifest = {r["path"]: r for r in csv.DictReader(open(dst / common.REENCODE_MANIFEST))}
+    manifest = {r["path"]: r for r in csv.DictReader(open(dst / tools.REENCODE_MANIFEST))}
     assert sorted(manifest) == _files(imagenet_dir)
     for rel, row in manifest.items():
         raw = (imagenet_dir / rel).read_bytes()
@@ -425,8 +428,8 @@ def test_reencode_keeps_the_layout_and_writes_the_manifest(imagenet_dir, tmp_pat
 
 def test_reencode_resumes_skips_done_and_redoes_changed(imagenet_dir, tmp_path):
     dst = tmp_path / "small"
-    common.reencode(imagenet_dir, dst, side=64, workers=1)
-    manifest = dst / common.REENCODE_MANIFEST
+    tools.reencode(imagenet_dir, dst, side=64, workers=1)
+    manifest = dst / tools.REENCODE_MANIFEST
     lines = manifest.read_text().splitlines(keepends=True)
     # Killed: the last 3 rows never written, the one before half written.
     manifest.write_text("".join(lines[:-4]) + lines[-4][:20])
@@ -438,7 +441,7 @@ def test_reencode_resumes_skips_done_and_redoes_changed(imagenet_dir, tmp_path):
     os.utime(imagenet_dir / touched, ns=(1, 1))  # new mtime, same bytes
     (dst / deleted).unlink()
     before = {rel: (dst / rel).stat().st_mtime_ns for rel in kept[3:]}
-    got = common.reencode(imagenet_dir, dst, side=64, workers=1)
+    got = tools.reencode(imagenet_dir, dst, side=64, workers=1)
     assert got == {"files": 41, "done": len(lost) + 2, "skipped": 41 - len(lost) - 2}
     assert {rel: (dst / rel).stat().st_mtime_ns for rel in kept[3:]} == before  # not rewritten
     rows = {r["path"]: r for r in csv.DictReader(open(manifest))}
@@ -447,9 +450,9 @@ def test_reencode_resumes_skips_done_and_redoes_changed(imagenet_dir, tmp_path):
     with Image.open(imagenet_dir / changed) as a, Image.open(dst / changed) as b:
         assert abs(np.asarray(a.resize(b.size), np.float32).mean() - np.asarray(b, np.float32).mean()) < 1.0
     assert rows[touched]["mtime_ns"] == str((imagenet_dir / touched).stat().st_mtime_ns)  # hashed once, not again
-    assert common.reencode(imagenet_dir, dst, side=64, workers=1)["done"] == 0
+    assert tools.reencode(imagenet_dir, dst, side=64, workers=1)["done"] == 0
     with pytest.raises(ConfigError, match="made with"):
-        common.reencode(imagenet_dir, dst, side=96, workers=1)
+        tools.reencode(imagenet_dir, dst, side=96, workers=1)
 
 
 @pytest.mark.slow  # a subprocess and its compiles
@@ -458,7 +461,7 @@ def test_reencode_command_line(imagenet_dir, tmp_path):
     import sys
 
     def cli(*argv):
-        return subprocess.run([sys.executable, str(REPO / "common.py"), "reencode", *map(str, argv)],
+        return subprocess.run([sys.executable, str(REPO / "tools.py"), "reencode", *map(str, argv)],
                               capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
     p = cli(imagenet_dir, tmp_path / "small", "--side", "64", "--workers", "1")

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -22,7 +23,7 @@ import common
 from conftest import CALLER_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = common.ID_FIELDS + common.METRICS
+COLUMNS = ("seed", *(f.name for f in dataclasses.fields(common.TrainConfig))) + common.METRICS
 # script -> rows of its --smoke run: every activation and method, first and last value of each swept
 # number, one seed
 SMOKE = {
@@ -180,28 +181,82 @@ def test_copied_script_sweeping_weight_decay_resumes_and_plots_one_curve_per_val
     assert sorted(v["at"] for v in verdicts) == ["rho=0.1, weight_decay=0.0", "rho=0.1, weight_decay=0.0005"]
 
 
-@pytest.mark.parametrize("name", TRAINING)
-def test_dataset_flag_alone_selects_the_papers_setup(name):
-    module = load(name)
-    setup = lambda **kw: common.resolve(module.Config(**kw))[0]  # noqa: E731
-    cifar = setup(dataset="cifar10")
-    assert (cifar.model, cifar.epochs, cifar.batch_size, cifar.augment, cifar.train_subset) == (
-        "wrn28_10", 200, 128, True, None)
-    imagenet = setup(dataset="imagenet", data_dir="/data/imagenet")
-    assert (imagenet.model, imagenet.epochs, imagenet.batch_size, imagenet.lr) == ("resnet50", 300, 256, 0.1)
-    cpu = setup()
-    assert cpu.dataset == "fashion_mnist" and cpu.model.startswith("mlp") and cpu.train_subset
-    assert setup(epochs=7, model="tiny").epochs == 7
-    assert setup(dataset="imagenet", batch_size=1024).lr == 0.4  # linear scaling survives other flags
+# The README's example ("Extending"): a copy of fig2 that defines a rule with its own scalar and sweeps it.
+OWN_RULE = """
+import jax
+import jax.numpy as jnp
+from typing import ClassVar
 
 
-def test_a_scripts_changes_to_its_setup_are_in_its_config():
-    fig5 = load("fig5_weight_noise")
-    assert fig5.Config.overrides == {"fashion_mnist": {"epochs": 30}}
-    assert common.resolve(fig5.Config())[0].epochs == 30
-    assert common.resolve(load("fig2_gp_relu_gelu").Config())[0].epochs == 50
-    assert common.resolve(fig5.Config(dataset="cifar10"))[0].epochs == 200
-    assert common.resolve(fig5.Config(epochs=7))[0].epochs == 7  # a flag given wins
+@dataclasses.dataclass(frozen=True)
+class Train(common.TrainConfig):
+    tau: float = common.setting(0.0, common.at_least(0), flag=False, array=True, help="weight of sign(g)")
+
+
+def gp_sign(loss_fn, params, state, batch, key, hp):
+    \"\"\"g + ρ H g/‖g‖ + τ sign(g): gp_p1 with a sign step of its own scalar τ.\"\"\"
+    step = common.RULES["gp_p1"](loss_fn, params, state, batch, key, hp)
+    return step._replace(direction=jax.tree.map(lambda d: d + hp.tau * jnp.sign(d), step.direction))
+
+
+common.RULES["gp_sign"] = gp_sign
+"""
+
+
+@pytest.mark.slow
+def test_copied_script_with_its_own_rule_and_scalar_sweeps_it_in_one_compile(tmp_path):
+    """A copy of fig2 defines a rule reading its own scalar τ (a TrainConfig subclass) and sweeps τ: one
+    compiled step per activation whatever the number of τ values, a CSV column τ, a rerun that trains
+    nothing, one plotted curve per τ and the claims judged once per τ."""
+    src = (ROOT / "fig2_gp_relu_gelu.py").read_text()
+    edits = {"import common\n": "import common\n" + OWN_RULE,
+             '    method: str = "gp_p1"\n': '    method: str = "gp_sign"\n    taus: tuple[float, ...] = (0.0, 0.003, 0.01)\n'
+                                           "    train: ClassVar[type] = Train\n",
+             "for act in cfg.activations for rho in cfg.rhos]": "for act in cfg.activations for rho in cfg.rhos]\n"
+                                                              "    runs = [dataclasses.replace(r, tau=t) for r in runs "
+                                                              "for t in cfg.taus]",
+             "    return [dataclasses.replace(base, method": "    runs = [dataclasses.replace(base, method",
+             '    common.run_cli(main)\n': '    common.run_cli(main)\n    print("train steps compiled:", '
+                                          "common.train_step._cache_size())\n"}
+    for old, new in edits.items():
+        assert src.count(old) == 1, old
+        src = src.replace(old, new)
+    src = src.replace("for t in cfg.taus]", "for t in cfg.taus]\n    return runs")
+    (tmp_path / "my_rule.py").write_text(src)
+    env = os.environ | {"XLA_FLAGS": CALLER_XLA_FLAGS, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, str(tmp_path / "my_rule.py"), "--model", "mlp16", "--train-subset", "256", "--epochs", "1",
+            "--batch-size", "64", "--test-subset", "500", "--seeds", "3", "--rhos", "0", "0.1", "--out", "out"]
+    first = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "train steps compiled: 2" in first.stdout  # relu and gelu; τ and ρ are array inputs
+    got = rows(tmp_path / "out" / "my_rule.csv")
+    assert len(got) == 3 * 2 * 2 * 3 and {r["tau"] for r in got} == {"0.0", "0.003", "0.01"}
+    by_tau = {t: [float(r["test_accuracy"]) for r in got if r["tau"] == t and r["rho"] == "0.1"] for t in ("0.0", "0.01")}
+    assert by_tau["0.0"] != by_tau["0.01"]  # τ reached the step
+    again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "0 of 36 runs to do" in again.stdout, again.stderr
+    labels = common.plot_sweep(got, tmp_path / "p.png", x="rho", title="t")
+    assert sorted(labels) == sorted(f"{a}, tau={t}" for a in ("relu", "gelu") for t in ("0.0", "0.003", "0.01"))
+    verdicts = rows(tmp_path / "out" / "my_rule.verdict.csv")
+    assert sorted(v["at"] for v in verdicts) == [f"rho=0.1, tau={t}" for t in ("0.0", "0.003", "0.01")]
+
+
+def test_a_flag_beats_a_scripts_change_which_beats_the_setup():
+    """resolve(): the dataset's setup, then the script's `overrides` for that setup, then --smoke, then
+    every flag given; ImageNet's lr follows a batch size given by flag."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(common.Flags):
+        overrides: ClassVar[dict] = {"fashion_mnist": {"epochs": 3, "lr": 0.2}}
+
+    setup = lambda **kw: common.resolve(Config(**kw))[0]  # noqa: E731
+    assert setup() == dataclasses.replace(common.SETUPS["fashion_mnist"], epochs=3, lr=0.2)
+    assert (setup(epochs=7).epochs, setup(epochs=7).lr) == (7, 0.2)
+    assert setup(dataset="cifar10") == common.SETUPS["cifar10"]  # overrides are per setup
+    assert setup(dataset="fashion_mnist_cnn") == common.SETUPS["fashion_mnist_cnn"]
+    assert setup(dataset="imagenet", batch_size=1024).lr == 0.4
+    assert setup(smoke=True, epochs=2) == dataclasses.replace(common.SETUPS["fashion_mnist"], lr=0.2,
+                                                              **common.SMOKE | {"epochs": 2})
 
 
 def test_every_configuration_field_with_a_flag_is_a_flag(capsys):
@@ -218,7 +273,7 @@ def test_every_configuration_field_with_a_flag_is_a_flag(capsys):
         common.resolve(common.parse_config(common.Flags, ["--warmup-epochs", "-1"]))
     with pytest.raises(SystemExit):
         common.parse_config(common.Flags, ["--help"])
-    assert "fashion_mnist 1024, cifar10 None, imagenet None" in " ".join(capsys.readouterr().out.split())
+    assert "fashion_mnist 1024, fashion_mnist_cnn 1024, cifar10 None, imagenet None" in " ".join(capsys.readouterr().out.split())
 
     @dataclasses.dataclass(frozen=True)
     class Extended:  # a new field is one line: its flag and its check follow

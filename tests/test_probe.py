@@ -14,7 +14,9 @@ from jax.flatten_util import ravel_pytree
 
 import common
 import nets
-from common import activation, lanczos_max, lanczos_tridiagonal, probe, twin
+import tools
+from common import activation, twin
+from tools import lanczos_max, lanczos_tridiagonal, probe
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -318,7 +320,7 @@ def test_probe_step_on_the_zoo():
             net = common.NetSpec("mlp16", name, 10, 1)
             model, state = common.make_model("mlp16", 10, activation(name), jax.random.key(0), in_channels=1)
             params = common.eqx.filter(model, common.eqx.is_inexact_array)
-            got[name, beta] = {k: float(v) for k, v in common.probe_step(
+            got[name, beta] = {k: float(v) for k, v in tools.probe_step(
                 net, mean, std, params, state, jnp.float32(beta), x, y, jax.random.key(1)).items()}
         assert got["relu", 1.0]["phi2_share"] == 0 and got["relu_aug", 1.0]["phi2_share"] > 1e-3
         assert [k for k in got["relu", 1.0] if k.startswith("support_")] == ["support_0", "support_1"]
@@ -331,16 +333,16 @@ def test_prober_writes_curves_and_the_final_values(tmp_path):
     from test_train import DATA, QUIET, TINY
 
     with jax.enable_x64(False):
-        cfg = dataclasses.replace(TINY, epochs=1, probe_every=8, activation="gelu")
-        r = common.train(cfg, 0, DATA, dataclasses.replace(QUIET, curves=str(tmp_path / "c.csv")))
+        cfg = dataclasses.replace(TINY, epochs=1, activation="gelu")
+        row = lambda opts: tools.probe_row(cfg, 0, opts, curves=tmp_path / "c.csv", every=8, data=DATA)  # noqa: E731
+        r = row(QUIET)
         rows = common.read_rows(tmp_path / "c.csv")
         assert [int(row["step"]) for row in rows] == [8, 16] and rows[-1]["activation"] == "gelu"
         assert float(rows[-1]["phi2_share"]) == pytest.approx(r["probe_phi2_share"])
-        common.train(cfg, 0, DATA, dataclasses.replace(QUIET, curves=str(tmp_path / "c.csv")))  # a rerun
+        row(QUIET)  # a rerun
         assert len(common.read_rows(tmp_path / "c.csv")) == 2  # replaces its rows, never duplicates
         # Resumed from its final checkpoint (killed before its result row was written): rows and values kept.
-        opts = dataclasses.replace(QUIET, curves=str(tmp_path / "c.csv"), ckpt_dir=str(tmp_path / "ckpt"))
-        first = common.train(cfg, 0, DATA, opts)
-        again = common.train(cfg, 0, DATA, opts)
+        opts = dataclasses.replace(QUIET, ckpt_dir=str(tmp_path / "ckpt"))
+        first, again = row(opts), row(opts)
         assert len(common.read_rows(tmp_path / "c.csv")) == 2
         assert again["probe_phi2_share"] == pytest.approx(first["probe_phi2_share"], rel=1e-6)

@@ -11,8 +11,10 @@ import pytest
 
 import common
 import nets
-from common import activation, flat_operators, hutchinson, hutchpp, rademacher, ritz_extremes, slq, twin
+import tools
+from common import activation, twin
 from test_probe import FAST_COMPILE, dense
+from tools import flat_operators, rademacher, ritz_extremes, slq
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -41,6 +43,26 @@ def network_slq(kind, name, starts, steps):
         return {o: slq(ops[o], key, n, starts=starts, steps=steps, dtype=jnp.float64) for o in OPS}
 
     return jax.tree.map(np.asarray, jax.jit(run, compiler_options=FAST_COMPILE)(params, x, y, jax.random.key(3)))
+
+
+def hutchinson(matvec, key, n: int, products: int, dtype=jnp.float32):
+    """tr(A) ≈ the mean of vᵀAv over `products` Rademacher vectors: unbiased."""
+    v = rademacher(key, (products, n), dtype)
+    return jnp.mean(jax.lax.map(lambda u: jnp.vdot(u, matvec(u)), v))
+
+
+def hutchpp(matvec, key, n: int, products: int, dtype=jnp.float32):
+    """Hutch++ (Meyer, Musco, Musco & Woodruff 2021; MATH.md §8) with `products` ≥ 3 products of A:
+    Q = orth(A S) from s = products//3 Rademacher vectors, tr(QᵀAQ) exactly (s products), and
+    Hutchinson on (I − QQᵀ)A(I − QQᵀ) with the products − 2s left. Unbiased for any symmetric A; far
+    below Hutchinson's variance when A is PSD with a decaying spectrum."""
+    s = products // 3
+    k_sketch, k_rest = jax.random.split(key)
+    Q, _ = jnp.linalg.qr(jax.lax.map(matvec, rademacher(k_sketch, (s, n), dtype)).T)  # [n, s]
+    exact = jnp.sum(Q.T * jax.lax.map(matvec, Q.T))
+    G = rademacher(k_rest, (products - 2 * s, n), dtype)
+    G = G - (G @ Q) @ Q.T
+    return exact + jnp.mean(jax.lax.map(lambda u: jnp.vdot(u, matvec(u)), G))
 
 
 @pytest.mark.parametrize("kind,name", CASES)
@@ -123,8 +145,8 @@ def test_gauss_newton_nonnegative_float32_zoo():
         net = common.NetSpec("mlp16", "gelu", 10, 1)
         model, state = common.make_model("mlp16", 10, activation("gelu"), jax.random.key(0), in_channels=1)
         params = common.eqx.filter(model, common.eqx.is_inexact_array)
-        got = common.spectra_step(net, (100.0,), (60.0,), params, state, jnp.float32(1.0), x, y, jax.random.key(1),
-                                  starts=2, steps=24)
+        got = tools.spectra_step(net, (100.0,), (60.0,), params, state, jnp.float32(1.0), x, y, jax.random.key(1),
+                                 starts=2, steps=24)
         (gn, w_gn), (nme, _) = (jax.tree.map(np.asarray, got[o]) for o in ("GN", "NME"))
         assert gn.dtype == np.float32 and gn.shape == (2, 24)
         assert gn[w_gn > 0].min() >= -1e-5 * gn.max(), (gn.min(), gn.max())
@@ -182,12 +204,12 @@ def test_spectra_prober_writes_rows(tmp_path):
     from test_train import DATA, QUIET, TINY
 
     with jax.enable_x64(False):
-        cfg = dataclasses.replace(TINY, epochs=1, probe_every=4, activation="gelu")
+        cfg = dataclasses.replace(TINY, epochs=1, activation="gelu")
         path = tmp_path / "s.csv"
         for _ in range(2):
             run = common.setup(cfg, 0, DATA, QUIET)
-            cb = common.SpectraProber(run, DATA, path, at={8}, operators=("GN", "NME"), starts=2, steps=5)
-            common.fit(run, DATA, QUIET, cb)
+            cb = tools.SpectraProber(run, DATA, path, at={8}, operators=("GN", "NME"), starts=2, steps=5)
+            common.fit(run, DATA, QUIET, cb, every=4)
             rows = common.read_rows(path)
             assert len(rows) == 2 * 2 * 5 and {int(r["step"]) for r in rows} == {8}
         for o in ("GN", "NME"):
@@ -226,14 +248,14 @@ def measure(reps=10):
             lo, hi = eig[0], eig[-1]
             grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 2001)
             sigma = 0.01 * (hi - lo)
-            exact = np.asarray(common.slq_density(jnp.asarray(eig[None]), jnp.full((1, n), 1.0 / n), grid, sigma))
+            exact = np.asarray(tools.slq_density(jnp.asarray(eig[None]), jnp.full((1, n), 1.0 / n), grid, sigma))
             for starts in (1, 2, 4, 8):
                 for steps in (10, 20, 40, 80):
                     f = slq_of(n, starts, steps)
                     errs = []
                     for i in range(reps):
                         nodes, w = f(jnp.asarray(A), jax.random.key(100 + i))
-                        d = np.asarray(common.slq_density(nodes, w, grid, sigma))
+                        d = np.asarray(tools.slq_density(nodes, w, grid, sigma))
                         top, bottom = ritz_extremes(nodes[0], w[0], 1)
                         errs.append((np.abs(d - exact).sum() * (grid[1] - grid[0]),
                                      abs(float(top[0]) - hi) / radius, abs(float(bottom[0]) - lo) / radius))
@@ -259,7 +281,7 @@ def measure_mlp256(reps=20, products=30):
     run = common.setup(cfg, 0, data)
     xb, yb = data.probe_batch(512)
     act = common.Activation("gelu")
-    zoo = common.inference_net(run.spec.net, run.bn_state)
+    zoo = tools.inference_net(run.spec.net, run.bn_state)
     xb = common.normalize(jnp.asarray(xb), data.spec.mean, data.spec.std)
     for f in (hutchpp, hutchinson):
         est = jax.jit(lambda p, k: f(flat_operators(zoo, act, twin(act), p, xb, jnp.asarray(yb))[0]["GN"], k,

@@ -3,6 +3,7 @@ per sweep, exact resume, any device count evaluates, bad input is one ConfigErro
 
 import dataclasses
 import math
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import common
-from common import ConfigError, DatasetSpec, Hyper, InMemory, RULES, TrainConfig
+from common import ConfigError, DatasetSpec, InMemory, RULES, TrainConfig
 
 
 def separable(n, seed, classes=3, size=8):
@@ -39,10 +40,28 @@ def sgd_params():
     return train(dataclasses.replace(TINY, method="sgd"))["params"]
 
 
+@dataclasses.dataclass(frozen=True)
+class WithTau(TrainConfig):
+    """A copied script's configuration: its rule's own scalar, swept as an array (README, "Extending")."""
+
+    tau: float = common.setting(0.0, common.at_least(0), flag=False, array=True, help="sign_step's weight")
+
+
+def sign_step(loss_fn, params, state, batch, key, hp):
+    """A rule added at run time, reading its own scalar: g + τ sign(g)."""
+    step = RULES["sgd"](loss_fn, params, state, batch, key, hp)
+    return step._replace(direction=jax.tree.map(lambda g: g + hp.tau * jnp.sign(g), step.direction))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [m for m in RULES if m != "sgd"])
-def test_every_rule_learns_and_its_penalty_acts(method, sgd_params):
-    r = train(dataclasses.replace(TINY, method=method))
+@pytest.mark.parametrize("method", [m for m in RULES if m != "sgd"] + ["sign_step"])
+def test_every_rule_learns_and_its_penalty_acts(method, sgd_params, monkeypatch):
+    """Every rule of RULES, and one a copied script adds with its own scalar (τ of WithTau)."""
+    cfg = dataclasses.replace(TINY, method=method)
+    if method == "sign_step":
+        monkeypatch.setitem(RULES, method, sign_step)
+        cfg = WithTau(**dataclasses.asdict(cfg), tau=0.01)
+    r = train(cfg)
     assert r["steps"] == 6 * (512 // 32) and not r["diverged"]
     assert r["test_accuracy"] > 0.95 and r["train_loss"] < 0.3, r
     # The same seed with the penalty switched on ends elsewhere than sgd: ρ and σ² reach the rule.
@@ -103,7 +122,7 @@ def test_weight_decay_and_momentum_are_the_optimizers():
     s is the schedule; momentum then carries it: the second update is d + μ(d + μ·d) (Nesterov)."""
     cfg = dataclasses.replace(TINY, warmup_epochs=0.0, weight_decay=0.01, momentum=0.5, nesterov=True)
     run = common.setup(cfg, 0, DATA)
-    tx, schedule = common.make_optimizer(run.spec, Hyper.of(cfg))
+    tx, schedule = common.make_optimizer(run.spec, common.hyper(cfg))
     zeros = jax.tree.map(jnp.zeros_like, run.params)
     upd, state = tx.update(zeros, run.opt_state, run.params)
     w = run.params.fc.weight
@@ -198,17 +217,45 @@ def test_log_without_a_terminal_is_one_line_per_epoch(capsys):
 @pytest.mark.slow
 def test_probe_callback_every_n_steps():
     seen = []
-    train(dataclasses.replace(TINY, epochs=1, probe_every=5), callback=lambda run: seen.append(run.step))
+    train(dataclasses.replace(TINY, epochs=1), probe=lambda run, data: lambda r: seen.append(r.step), every=5)
     assert seen == [5, 10, 15, 16]
 
 
-def test_paper_setups():
-    c = common.for_dataset("cifar10")
-    assert (c.model, c.batch_size, c.lr, c.nesterov, c.weight_decay, c.epochs, c.augment) == \
-        ("wrn28_10", 128, 0.1, True, 5e-4, 200, True)
-    i = common.for_dataset("imagenet", batch_size=1024)
-    assert (i.model, i.lr, i.weight_decay, i.warmup_epochs, i.decay_norm_and_bias, i.epochs) == \
-        ("resnet50", 0.4, 1e-4, 5, False, 300)
+@pytest.mark.slow
+def test_a_schedule_added_to_the_registry_drives_the_step(monkeypatch):
+    """A schedule of a copied script (SCHEDULES): multiplier 1 for the first half of the steps, 0 after;
+    the parameters then stop at their value of the half-way step (weight decay and momentum scale with
+    it), where the built-in cosine keeps training."""
+    monkeypatch.setitem(common.SCHEDULES, "half", lambda warmup, total: lambda step: jnp.where(step < total // 2, 1.0, 0.0))
+    flat = lambda p: np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])  # noqa: E731
+    seen = {}
+    probe = lambda run, data: lambda r: seen.setdefault(r.cfg.schedule, []).append(flat(r.params))  # noqa: E731
+    for name in ("half", "cosine"):
+        train(dataclasses.replace(TINY, epochs=2, schedule=name), probe=probe, every=16)  # steps 16 and 32
+    half, end = seen["half"]
+    assert np.array_equal(half, end) and not np.array_equal(*seen["cosine"])
+    assert np.linalg.norm(half - seen["cosine"][0]) > 1e-3 * np.linalg.norm(half)  # the multiplier reached the step
+
+
+def test_setups_are_the_table_of_math_md():
+    """Every setup of SETUPS field by field against the table of MATH.md §4 (the paper's two setups and
+    the CPU regimes), and ImageNet's lr scaling with the batch."""
+    text = (Path(__file__).resolve().parents[1] / "MATH.md").read_text()
+    lines = [ln for ln in text[text.index("| setup | model |"):].splitlines()[:6] if not ln.startswith("|---")]
+    head, *table = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    assert {r[0] for r in table} == set(common.SETUPS)
+    yes = {"yes": True, "no": False}
+    for r in map(lambda cells: dict(zip(head, cells)), table):
+        c = common.SETUPS[r["setup"]]
+        lr = common.for_dataset(r["setup"]).lr
+        assert lr == (0.1 * 256 / 256 if "batch/256" in r["lr"] else float(r["lr"]))
+        assert (c.model, c.batch_size, c.nesterov, c.weight_decay, c.decay_norm_and_bias, c.warmup_epochs, c.epochs,
+                c.augment, c.train_subset or "all", c.label_noise, c.momentum, c.schedule) == (
+            r["model"], int(r["batch"]), yes[r["Nesterov"]], float(r["weight decay"]),
+            yes[r["decay on BN and biases"]], float(r["warm-up epochs"]), float(r["epochs"]),
+            yes[r["augment"].split()[0]], r["training images"] if r["training images"] == "all" else
+            int(r["training images"]), float(r["label noise"]), 0.9, "cosine"), r["setup"]
+    assert common.for_dataset("imagenet", batch_size=1024).lr == 0.4
 
 
 def test_schedule_and_weight_decay_mask():
@@ -217,7 +264,7 @@ def test_schedule_and_weight_decay_mask():
         cfg = dataclasses.replace(common.for_dataset(setup, warmup_epochs=2), model="tiny", epochs=10)
         data = InMemory(SPEC, *separable(160, 0), *separable(10, 1))
         run = common.setup(dataclasses.replace(cfg, batch_size=16), 0, data)
-        tx, schedule = common.make_optimizer(run.spec, Hyper.of(cfg))
+        tx, schedule = common.make_optimizer(run.spec, common.hyper(cfg))
         assert float(schedule(0)) == 0 and float(schedule(10)) == pytest.approx(0.5)
         assert float(schedule(20)) == pytest.approx(1.0) and float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
         params = run.params
@@ -327,24 +374,15 @@ def no_reads(monkeypatch):
 
 def test_training_reads_the_device_once_per_step(tmp_path, no_reads, monkeypatch):
     """The loop under a device-to-host transfer guard: its one allowed read per step is the loss
-    (common._read); the logged learning rate is NumPy; the probe callback reads only on its own
+    (common._read); the probe callback reads only on its own
     steps, under its own allowance (so do checkpoints, but Orbax reads the CPU's buffers directly)."""
     with pytest.raises(RuntimeError, match="Disallowed"):
         float(jnp.ones(()) + 1)  # the guard refuses a read
-    cfg = dataclasses.replace(TINY, epochs=0.5, probe_every=3)
+    cfg = dataclasses.replace(TINY, epochs=0.5)
     opts = dataclasses.replace(QUIET, log=True, log_every_s=0.0, ckpt_dir=str(tmp_path))  # saves at the end
     run = common.setup(cfg, 0, DATA, opts)
     reads, probes, real = [], [], common._read
     monkeypatch.setattr(common, "_read", lambda x: reads.append(1) or real(x))
-    common.fit(run, DATA, opts, callback=lambda r: probes.append(float(jnp.sum(r.params.fc.weight))))
+    common.fit(run, DATA, opts, callback=lambda r: probes.append(float(jnp.sum(r.params.fc.weight))), every=3)
     assert run.step == 8 and len(reads) == run.step and len(probes) == 3  # steps 3, 6 and the last
     assert sorted(int(p.name) for p in next(tmp_path.iterdir()).iterdir() if p.name.isdigit()) == [8]
-
-
-def test_logged_learning_rate_is_the_optimizers_schedule():
-    run = common.setup(dataclasses.replace(TINY, epochs=2), 0, DATA)
-    _, schedule = common.make_optimizer(run.spec, run.hp)
-    steps = np.arange(run.total + 2)
-    assert run.spec.warmup_steps == 8
-    # float32 optax against float64 NumPy: a cosine of an argument rounded to float32, |Δ| ≲ 1e-7
-    np.testing.assert_allclose(common._unit_lr(run.spec, steps), [float(schedule(s)) for s in steps], atol=1e-6)

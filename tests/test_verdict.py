@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import (VERDICT_COLUMNS, Claim, Contrast, contrast, first_seeds, format_verdict, judge, t_quantile,
-                    verdict, write_verdicts)
+from common import (VERDICT_COLUMNS, Claim, Contrast, contrast, first_seeds, format_verdict, judge, verdict,
+                    write_verdicts)
 
 REPO = Path(__file__).resolve().parents[1]
 NAN = math.nan
@@ -46,83 +46,63 @@ def interval(lo, hi):
     return Contrast({}, 3, (lo + hi) / 2, NAN, (hi - lo) / 2, lo, hi)
 
 
-# Student-t quantiles t_{0.975, df}.
-T_TABLE = {1: 12.706204736174703, 2: 4.302652729749464, 3: 3.182446305284263, 4: 2.7764451051977934,
-           7: 2.3646242515927095, 30: 2.0422724563012373}
-
-
-@pytest.mark.parametrize("df", sorted(T_TABLE))
-def test_t_quantile_table(df):
-    assert abs(t_quantile(0.975, df) - T_TABLE[df]) < 1e-8
-
-
-def test_t_quantile_large_df_is_normal():
-    assert abs(t_quantile(0.975, 1e6) - 1.959963984540054) < 1e-5
-
-
-@pytest.mark.parametrize("p", [1e-9, 0.01, 0.3, 0.5001, 0.8, 0.975, 0.999999])
-def test_t_quantile_closed_forms(p):
-    # df = 1 is the Cauchy distribution, t = tan(π(p − ½)) = −cot(πp), written to stay accurate in the
-    # tails; df = 2 has t = (2p − 1)/√(2p(1 − p)).
-    cauchy = -1 / math.tan(math.pi * p) if p < 0.5 else 1 / math.tan(math.pi * (1 - p))
-    assert t_quantile(p, 1) == pytest.approx(cauchy, rel=1e-10, abs=1e-12)
-    assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-10, abs=1e-12)
-
-
-@pytest.mark.parametrize("df", [1, 2.5, 7, 100, 1e5])
-def test_t_quantile_symmetric_and_monotone(df):
-    for p in (0.6, 0.9, 0.975, 0.999):
-        assert t_quantile(1 - p, df) == pytest.approx(-t_quantile(p, df), rel=1e-12)
-    assert t_quantile(0.5, df) == 0.0
-    assert t_quantile(0.975, df + 0.5) < t_quantile(0.975, df)  # heavier tails at fewer df
-
-
-@pytest.mark.parametrize("p, df", [(0.0, 3), (1.0, 3), (0.5, 0.5), (0.9, NAN)])
-def test_t_quantile_rejects_bad_input(p, df):
-    with pytest.raises(ValueError):
-        t_quantile(p, df)
-
-
 def test_contrast_hand_computed():
     c = contrast(fig2_rows(GAINS), fig2_terms())
     assert list(c.values) == [0, 1, 2, 3]
     assert list(c.values.values()) == pytest.approx([1, 2, 3, 6], abs=1e-9)
     sd = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (3 - 3) ** 2 + (6 - 3) ** 2) / 3)
-    half = 3.182446305284263 * sd / math.sqrt(4)
+    half = 3.182446305284263 * sd / math.sqrt(4)  # t_{0.975, 3}, from a table
     assert (c.n, c.missing, c.diverged) == (4, 0, 0)
     assert (c.mean, c.sd, c.half) == pytest.approx((3, sd, half), rel=1e-9)
     assert (c.lo, c.hi) == pytest.approx((3 - half, 3 + half), rel=1e-9)
 
 
-def test_difference_of_gains_and_difference_of_differences():
-    """nme_ablation's claims: gains against a shared sgd baseline, a difference of two methods' gains and a
-    difference of those differences between activations, on rows with known accuracies (points)."""
+def test_nme_ablation_claims_at_each_rho_and_at_each_rules_best_rho():
+    """nme_ablation's claims on rows with known accuracies (points): gains against a shared sgd baseline,
+    differences of two methods' gains and of those differences between activations; and each rule's
+    best ρ, the largest mean gain on the selection seeds, judged on the others only."""
     import nme_ablation
 
     rng = np.random.default_rng(0)
     acc, rows = {}, []
-    for seed in range(4):
+    methods, rhos, seeds = ("gp_p1", "gp_gn_p1", "gp_nme_p1"), (0.3, 1.0), range(10)
+    for seed in seeds:
         for act in ("relu", "gelu"):
-            for method, rho in (("sgd", 0.0), ("gp_p1", 0.3), ("gp_gn_p1", 0.3), ("gp_p1", 1.0), ("gp_gn_p1", 1.0)):
+            for method, rho in [("sgd", 0.0)] + [(m, r) for m in methods for r in rhos]:
                 a = acc[seed, act, method, rho] = float(rng.uniform(50, 80))
                 rows.append(row(act, rho, seed, a / 100) | {"method": method})
-    lines = {(line["contrast"], line["at"]): line
-             for line in judge(rows, nme_ablation.claims(nme_ablation.Config(rhos=(0.0, 0.3, 1.0))))}
-    assert len(lines) == 6
-    for rho in (0.3, 1.0):
-        gain = lambda s, act, m: acc[s, act, m, rho] - acc[s, act, "sgd", 0.0]  # noqa: E731
-        nme = lambda s, act: gain(s, act, "gp_p1") - gain(s, act, "gp_gn_p1")  # noqa: E731
-        expect = {"gain(gp_p1, gelu) − gain(gp_gn_p1, gelu)": [nme(s, "gelu") for s in range(4)],
-                  "[gain(gp_p1) − gain(gp_gn_p1)]_gelu − [...]_relu": [nme(s, "gelu") - nme(s, "relu")
-                                                                      for s in range(4)],
-                  "gain(gp_gn_p1, gelu) − gain(gp_gn_p1, relu)": [gain(s, "gelu", "gp_gn_p1")
-                                                                 - gain(s, "relu", "gp_gn_p1") for s in range(4)]}
-        for label, values in expect.items():
+    cfg = nme_ablation.Config(rhos=(0.0,) + rhos, select_seeds=6)
+    lines = {(line["contrast"], line["at"]): line for line in judge(rows, nme_ablation.claims(cfg, rows))}
+    t3 = 3.182446305284263  # t_{0.975, 3}, from a table
+
+    def check(line, values):
+        half = t3 * np.std(values, ddof=1) / 2
+        assert line["n"] == 4 and line["mean"] == pytest.approx(np.mean(values), abs=1e-9)
+        assert (line["lo"], line["hi"]) == pytest.approx((np.mean(values) - half, np.mean(values) + half), abs=1e-9)
+
+    gain = lambda s, act, m, rho: acc[s, act, m, rho] - acc[s, act, "sgd", 0.0]  # noqa: E731
+    assert len(lines) == 7 * 2 + 5
+    for rho in rhos:
+        g = lambda s, act, m: gain(s, act, m, rho)  # noqa: E731
+        part = lambda s, act: g(s, act, "gp_p1") - g(s, act, "gp_gn_p1")  # noqa: E731
+        expect = {"gain(gp_p1, gelu) − gain(gp_p1, relu)": lambda s: g(s, "gelu", "gp_p1") - g(s, "relu", "gp_p1"),
+                  "gain(gp_p1, gelu) − gain(gp_gn_p1, gelu)": lambda s: part(s, "gelu"),
+                  "[gain(gp_p1) − gain(gp_gn_p1)]_gelu − [...]_relu": lambda s: part(s, "gelu") - part(s, "relu"),
+                  "gain(gp_nme_p1, relu) − gain(gp_gn_p1, relu)": lambda s: g(s, "relu", "gp_nme_p1")
+                  - g(s, "relu", "gp_gn_p1"),
+                  "gain(gp_nme_p1, gelu) − gain(gp_nme_p1, relu)": lambda s: g(s, "gelu", "gp_nme_p1")
+                  - g(s, "relu", "gp_nme_p1")}
+        for label, f in expect.items():
+            values = [f(s) for s in seeds]
             line = lines[label, f"rho={rho:g}"]
-            assert line["n"] == 4 and line["mean"] == pytest.approx(np.mean(values), abs=1e-9), label
-            half = T_TABLE[3] * np.std(values, ddof=1) / 2
-            assert (line["lo"], line["hi"]) == pytest.approx((np.mean(values) - half, np.mean(values) + half),
-                                                             abs=1e-9), label
+            assert line["n"] == 10 and line["mean"] == pytest.approx(np.mean(values), abs=1e-9), label
+    best = {(m, act): max(rhos, key=lambda r: np.mean([gain(s, act, m, r) for s in range(6)]))
+            for m in methods for act in ("relu", "gelu")}
+    (line,) = [v for (label, _), v in lines.items() if label == "best gain(gp_p1, gelu) − best gain(gp_gn_p1, gelu)"]
+    assert f"gp_p1 gelu {best['gp_p1', 'gelu']:g}; gp_gn_p1 gelu {best['gp_gn_p1', 'gelu']:g}" in line["at"]
+    assert "chosen on seeds 0-5, judged on 6-9" in line["at"]
+    check(line, [gain(s, "gelu", "gp_p1", best["gp_p1", "gelu"]) - gain(s, "gelu", "gp_gn_p1", best["gp_gn_p1", "gelu"])
+                 for s in range(6, 10)])
 
 
 def test_seeds_sorted_whatever_the_row_order():
@@ -286,18 +266,3 @@ def test_format_verdict_line():
     short = line | {"n": 3, "missing": 1, "diverged": 2, "n2": 1, "mean2": NAN, "lo2": NAN, "hi2": NAN}
     assert format_verdict(short).endswith("n = 3, dropped 1 unpaired + 2 diverged (n − 2: too few seeds)"
                                           " -> inconclusive")
-
-
-def test_fig2_contrast_from_committed_csv():
-    with open(REPO / "results" / "fig2_gp_relu_gelu.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    c = first_seeds(contrast(rows, fig2_terms(0.1)), 3)
-    acc = {(r["activation"], float(r["rho"]), int(r["seed"])): float(r["test_accuracy"]) for r in rows}
-    seeds = [0, 1, 2]
-    a = {(act, rho): np.array([acc[act, rho, s] for s in seeds])
-         for act in ("gelu", "relu") for rho in (0.0, 0.1)}
-    d = 100 * ((a["gelu", 0.1] - a["gelu", 0.0]) - (a["relu", 0.1] - a["relu", 0.0]))
-    half = 4.302652729749464 * d.std(ddof=1) / np.sqrt(3)
-    assert list(c.values) == seeds
-    assert list(c.values.values()) == pytest.approx(d, abs=1e-9)
-    assert (c.mean, c.lo, c.hi) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half), abs=1e-9)
