@@ -12,12 +12,13 @@ photo-like 300-500 px JPEGs (or --imagenet-dir); and the ImageNet-folder pipelin
 per core.
 
     uv run bench.py                       # CPU: wrn16_4, batch 128, 32x32x3, fp32 (over an hour on 2 cores)
-    uv run bench.py --configs cnn16:128:32:float32      # the timed CPU run of the README
+    uv run bench.py --configs cnn16:128:32:float32      # the timed CPU run of results/README.md
     uv run bench.py --quick               # 5 steps per rule, a smoke run
     uv run bench.py --analyze             # FLOPs and peak memory per rule from XLA, compile only
+    uv run bench.py --analyze --methods sgd hessian_trace --no-cse    # what `cse` saves on this JAX
     uv run bench.py --reencode            # ImageNet decoding per core, original vs re-encoded folders (3 min)
     uv run --extra cuda13 bench.py        # GPU: adds wrn28_10 b128 and resnet50 b256 224², fp32 and bf16
-    uv run bench.py --plan                # cost of each figure's paper setup (README), compile only
+    uv run bench.py --plan                # cost of each figure's paper setup, compile only
 
 Writes <out>/bench_<platform>.csv: platform,model,dtype,method,step_ms,images_per_s,ratio_to_sgd,
 compile_s,peak_mem_mb (pipeline rows have method "pipeline:<name>" or "decode_per_core:<name>"), row
@@ -59,7 +60,8 @@ class Config:
     out: str = "results"
     quick: bool = False  # 5 timed steps, 1 warm-up: a smoke run
     analyze: bool = False  # compile only: XLA's FLOP count and peak memory per rule, no timing
-    gpu_quick: bool = False  # the GPU check (README): WRN-28-10 fp32/bf16, ResNet-50 bf16, pipeline, a fig2 run
+    cse: bool = True  # --no-cse: hessian_trace without `common.cse`, to measure what the merge saves
+    gpu_quick: bool = False  # the GPU check (docs/running.md): WRN-28-10 fp32/bf16, ResNet-50 bf16, pipeline, a fig2 run
     # --plan: the cost of each figure script's paper setup from XLA's counts, compile only (`plan`)
     plan: bool = False
     plan_scripts: tuple[str, ...] = ("fig2_gp_relu_gelu", "fig3_beta_gelu", "fig4_aug_dim", "fig5_weight_noise",
@@ -69,11 +71,11 @@ class Config:
     plan_devices: tuple[int, ...] = (1, 8)  # data-parallel devices the global batch is split over (memory)
     mfu: float = 0.4  # model FLOP utilisation assumed for the accelerator-hours
     compile_budget_s: float = 1800.0  # per compiled step; a step over budget is reported, not costed; 0: none
-    reencode: bool = False  # only the re-encoded ImageNet pipeline: <out>/bench_pipeline.csv (README)
+    reencode: bool = False  # only the re-encoded ImageNet pipeline: <out>/bench_pipeline.csv
 
 
 def default_configs(platform):
-    """(model, batch, image size, dtype) per platform, as the benchmark issue lists them."""
+    """(model, batch, image size, dtype) per platform: a CPU-sized WRN; on an accelerator the paper's models."""
     if platform == "cpu":
         return ["wrn16_4:128:32:float32"]
     return [f"{m}:{dt}" for m in ("wrn16_4:128:32", "wrn28_10:128:32", "resnet50:256:224")
@@ -238,7 +240,7 @@ def pipelines(cfg, platform):
     return rows
 
 
-#### The re-encoded ImageNet pipeline (README "Re-encoding ImageNet") ###############################
+#### The re-encoded ImageNet pipeline (docs/running.md) ##########################################
 
 REENCODE_SIDES = (160, 192, 224, 256, 320)
 PIPELINE_COLUMNS = ("platform", "folder", "split", "transform", "images_per_s_per_core", "ratio_to_full_decode",
@@ -341,6 +343,8 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, steps=5, warmup=1, pipeline_batches=5)
     if cfg.gpu_quick:
         cfg = dataclasses.replace(cfg, **GPU_QUICK)
+    if not cfg.cse:
+        common.cse = lambda fn: fn  # this process only: the nested JVPs' first-order stream stays twice
     accepted = (*common.RULES, "probe")  # the registry now: a rule added later counts
     cfg = dataclasses.replace(cfg, methods=cfg.methods or accepted)
     for m in cfg.methods:
@@ -590,7 +594,7 @@ def plan(cfg, flags=None) -> list[dict]:
 
 
 def print_plan(lines, cfg, path) -> None:
-    """The plan as a Markdown table (the README's)."""
+    """The plan as a Markdown table (results/README.md has it)."""
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     devs = " / ".join(map(str, cfg.plan_devices))
     print(f"\nCost of the paper setups in {cfg.plan_dtype} at {cfg.mfu:.0%} MFU (XLA's counts of each rule's train "

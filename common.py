@@ -1,13 +1,9 @@
-"""Library for the reproduction of Dauphin, Agarwala & Mobahi (2024), "Neglected Hessian component
-explains mysteries in Sharpness regularization" (arXiv 2401.10809).
-
-Sections, each using only those above it, in the order the data flows:
-    activations -> curvature -> update rules (the math) -> models -> data -> configuration -> training
-    -> results -> sweeps and the command line -> plots -> verdicts -> a figure script's main.
-MATH.md defines every quantity and the three corrections to the paper; equation numbers are the paper's.
-The instruments around a run (the curvature probe, spectra, ImageNet re-encoding, the results report)
-are in tools.py.
-"""
+"""Library for the reproduction of Dauphin, Agarwala & Mobahi (2024), "Neglected Hessian component explains mysteries
+in Sharpness regularization" (arXiv 2401.10809). Sections, each using only those above it, in the order the data
+flows: activations -> curvature -> update rules (the math) -> models -> data -> configuration -> training -> results
+-> sweeps and the command line -> plots -> verdicts -> a figure script's main. MATH.md defines every quantity and the
+three corrections to the paper; equation numbers are the paper's. tools.py holds the instruments around a run (the
+curvature probe, spectra, ImageNet re-encoding, the results report)."""
 
 from __future__ import annotations
 
@@ -26,12 +22,9 @@ import math
 import os
 import pickle
 import re
-import select
-import socket
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 import typing
 import urllib.request
@@ -59,17 +52,12 @@ class ConfigError(Exception):
 
 
 #### Activations (Sections 4.3-4.4, MATH.md §2) ####################################################
-# Each is an elementwise f(x, beta) whose value and first two AD derivatives are exactly MATH.md §2's
-# table under every AD path; beta is the width of φ″ and may be a traced array (a β sweep compiles
-# once). The custom ones use jax.custom_jvp (a custom_vjp has no forward mode and would break the
-# forward-over-reverse HVP); their JVP rules call a second custom-JVP function for the tangent, so
-# that differentiating the rule once more gives the second derivative we define. No rule
-# differentiates with respect to beta: its tangent is dropped.
-
-
+# Each is an elementwise f(x, beta) whose value and first two AD derivatives are exactly MATH.md §2's table under
+# every AD path; beta, the width of φ″, may be a traced array (a β sweep compiles once). The custom ones use
+# jax.custom_jvp (a custom_vjp has no forward mode and would break the forward-over-reverse HVP); their JVP rules call
+# a second custom-JVP function for the tangent, so that differentiating a rule again gives the second derivative we
+# define. No rule differentiates with respect to beta: its tangent is dropped.
 _SQRT2 = math.sqrt(2.0)
-
-
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
@@ -150,9 +138,8 @@ ACTIVATIONS: dict[str, ActivationDef] = {
 
 
 class Activation(eqx.Module):
-    """The nonlinearity `name` with width `beta`, as a model holds it: `beta` is a leaf (a Python float
-    outside the train step, a traced array inside it), so one compiled step serves a β sweep."""
-
+    """The nonlinearity `name` with width `beta`, as a model holds it: `beta` is a leaf (a Python float outside the
+    train step, a traced array inside it), so one compiled step serves a β sweep."""
     name: str = eqx.field(static=True)
     beta: float | jax.Array = 1.0
 
@@ -161,8 +148,7 @@ class Activation(eqx.Module):
 
 
 def activation(name: str, beta: float = 1.0) -> Activation:
-    """The elementwise nonlinearity `name`; `beta` is the width parameter of the activations that
-    use one (beta_gelu, relu_aug, beta_gelu_dim)."""
+    """The elementwise nonlinearity `name`; `beta`: width of those with one (beta_gelu, relu_aug, beta_gelu_dim)."""
     if name not in ACTIVATIONS:
         raise ConfigError(f"--activation: unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}")
     if not beta > 0:
@@ -182,8 +168,7 @@ def map_acts(model, fn):
 
 
 def with_act(model, act):
-    """`model` with every Activation replaced by `act`, any elementwise callable (the probe's twin and
-    its recording wrapper)."""
+    """`model` with every Activation replaced by `act`, any elementwise callable (the probe's twin, its recorder)."""
     return map_acts(model, lambda _: act)
 
 
@@ -193,10 +178,8 @@ def with_beta(model, beta):
 
 
 #### Curvature (Eq. 2, MATH.md §1) #################################################################
-# All for the batch-mean softmax cross-entropy; vectors are parameter pytrees. Nothing materialises
-# a matrix: each product costs a small constant number of forward/backward passes.
-
-
+# All for the batch-mean softmax cross-entropy; vectors are parameter pytrees. Nothing materialises a matrix: each
+# product costs a small constant number of forward/backward passes.
 def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -243,16 +226,12 @@ def _hashable(v):
 
 
 def cse(fn: Callable) -> Callable:
-    """fn traced to a jaxpr, equations that repeat a pure computation on the same inputs merged
-    (common-subexpression elimination), and evaluated: the same values and derivatives as fn.
-
-    Nested JVPs compute the first-order stream twice: the inner JVP's tangent ẋ and the outer JVP's
-    tangent x′ of the primal are the same numbers. XLA merges the two forward copies, but reverse
-    mode through the nested JVPs gives each copy its own cotangent and its own backward pass;
-    merging them in the jaxpr first leaves three streams for reverse mode instead of four (the
-    README's speed section has the FLOPs). Equations with effects stay, and so do repeated
-    custom-JVP calls, whose rules are distinct objects on each call.
-    """
+    """fn traced to a jaxpr, equations repeating a pure computation on the same inputs merged (common-subexpression
+    elimination), and evaluated: the same values and derivatives as fn. Nested JVPs compute the first-order stream
+    twice (the inner JVP's tangent ẋ and the outer's tangent x′ of the primal are the same numbers); XLA merges the
+    two forward copies, but reverse mode gives each its own cotangent and backward pass. Merging them in the jaxpr
+    first leaves three streams for reverse mode instead of four (FLOPs: results/README.md). Equations with effects
+    stay, and so do repeated custom-JVP calls, whose rules are distinct objects on each call."""
 
     def merged(*args):
         with jax.disable_jit():  # inline jitted library functions, so that their equations can merge
@@ -277,15 +256,11 @@ def cse(fn: Callable) -> Callable:
 
 
 #### Update rules (MATH.md §3) #####################################################################
-# Every rule is rule(loss_fn, params, state, batch, key, hp) -> Step, where
-#   loss_fn(params, state, batch) -> (mean cross-entropy L0, (new_state, logits))
-# runs the model in training mode (BatchNorm on batch statistics), batch = (x, y), and hp is the
-# Hyper pytree of scalar arrays (a rule reads hp.rho or hp.sigma2; TrainConfig's fields marked
-# array=True, in the configuration section), so that a sweep compiles once.
-# The direction is the gradient of the rule's objective before weight decay and momentum; `state` is
-# the BatchNorm state to keep: from the pass at the unperturbed θ, except for weight_noise.
-
-
+# Every rule is rule(loss_fn, params, state, batch, key, hp) -> Step, where loss_fn(params, state, batch) ->
+# (mean cross-entropy L0, (new_state, logits)) runs the model in training mode (BatchNorm on batch statistics),
+# batch = (x, y), and hp is the Hyper pytree of scalar arrays (TrainConfig's array=True fields; a rule reads hp.rho or
+# hp.sigma2), so that a sweep compiles once. The direction is the gradient of the rule's objective before weight decay
+# and momentum; `state` is the BatchNorm state to keep: from the pass at the unperturbed θ, except for weight_noise.
 class Step(NamedTuple):
     direction: PyTree
     state: PyTree
@@ -313,16 +288,12 @@ def sgd(loss_fn, params, state, batch, key, hp) -> Step:
 
 
 def gp(loss_fn, params, state, batch, key, hp, *, p: int = 1, part: str = "H") -> Step:
-    """Gradient penalty L0 + ρ‖g‖^p by exact autodiff (Eq. 7-8, 46-47), and its two ablations.
-
-    p=1 (penalty SAM): g + ρ H g/‖g‖;  p=2 (penalty USAM): g + 2ρ H g, that is g + ρ H u with
-    u = ∂‖g‖^p/∂g. The Hessian-vector product is forward-over-reverse (`hvp`; its primal gradient is the
-    clean pass, merged by XLA). A finite-difference HVP would turn this into SAM and remove the NME
-    effect the paper studies. `part` names the curvature the update multiplies u by (MATH.md §3):
-    "H" (gp), "GN" (gp_gn: the NME taken out) or "NME" = H − GN (gp_nme: the NME alone), each of the
-    training-mode logits at θ, BatchNorm on batch statistics, so that d_gp = d_gp_gn + d_gp_nme − g.
-    The ablations follow no objective (GN is not a Hessian of L0 + ρ‖g‖^p).
-    """
+    """Gradient penalty L0 + ρ‖g‖^p by exact autodiff (Eq. 7-8, 46-47), and its two ablations: the direction is
+    g + ρ C u, u = ∂‖g‖^p/∂g (p=1, penalty SAM: g + ρ H g/‖g‖; p=2, penalty USAM: g + 2ρ H g). H u is
+    forward-over-reverse (`hvp`; its primal gradient is the clean pass, merged by XLA); a finite-difference HVP would
+    turn this into SAM and remove the NME effect the paper studies. `part` names C (MATH.md §3): "H" (gp), "GN"
+    (gp_gn: the NME taken out) or "NME" = H − GN (gp_nme: the NME alone), each of the training-mode logits at θ, so
+    d_gp = d_gp_gn + d_gp_nme − g. The ablations follow no objective (GN is not a Hessian of L0 + ρ‖g‖^p)."""
     if p not in (1, 2) or part not in ("H", "GN", "NME"):
         raise ValueError(f"gp: p must be 1 or 2 and part H, GN or NME, got {p}, {part!r}")
     loss, new_state, g = _grad(loss_fn, params, state, batch)
@@ -357,11 +328,8 @@ def usam(loss_fn, params, state, batch, key, hp) -> Step:
 
 
 def weight_noise(loss_fn, params, state, batch, key, hp) -> Step:
-    """One-sample gradient of E_ε L0(θ+ε), ε ~ N(0, σ²I) (Eq. 17); ≈ L0 + (σ²/2) tr(H).
-
-    Its single pass is at θ+ε and also provides the BatchNorm statistics: a clean pass would cost a
-    third of a step for nothing.
-    """
+    """One-sample gradient of E_ε L0(θ+ε), ε ~ N(0, σ²I) (Eq. 17); ≈ L0 + (σ²/2) tr(H). Its single pass, at θ+ε,
+    also gives the BatchNorm statistics: a clean pass would cost a third of a step for nothing."""
     std = jnp.sqrt(hp.sigma2)
     noisy = jax.tree.map(lambda w, e: w + (std * e).astype(w.dtype), params, tree_normal(key, params))
     loss, state, g = _grad(loss_fn, noisy, state, batch)
@@ -369,12 +337,10 @@ def weight_noise(loss_fn, params, state, batch, key, hp) -> Step:
 
 
 def hessian_trace(loss_fn, params, state, batch, key, hp) -> Step:
-    """L0 + (σ²/2) tr(H) with one Hutchinson sample (Eq. 19; σ²/2: MATH.md, correction to Eq. 17).
-
-    εᵀH(θ)ε is the second directional derivative of L0 along ε (forward-over-forward); one reverse
-    pass through the nested JVPs, their repeated first-order stream merged (`cse`), differentiates
-    L0 + (σ²/2) εᵀHε (third order in L0), so the clean gradient costs no pass of its own.
-    """
+    """L0 + (σ²/2) tr(H) with one Hutchinson sample (Eq. 19; σ²/2: MATH.md, correction to Eq. 17). εᵀH(θ)ε is the
+    second directional derivative of L0 along ε (forward-over-forward); one reverse pass through the nested JVPs,
+    their repeated first-order stream merged (`cse`), differentiates L0 + (σ²/2) εᵀHε (third order in L0), so the
+    clean gradient costs no pass of its own."""
     eps = tree_normal(key, params)
 
     def along(w):  # (L0, ∂_ε L0), BatchNorm state
@@ -390,13 +356,10 @@ def hessian_trace(loss_fn, params, state, batch, key, hp) -> Step:
 
 
 def gn_trace(loss_fn, params, state, batch, key, hp) -> Step:
-    """L0 + (σ²/2) tr(GN) with the sampled-label estimator T̂ = B‖∇L0(θ, ŷ)‖² (Eq. 19-21).
-
-    ŷ ~ Cat(softmax z) from the clean pass, held fixed (stop_gradient). Double backprop through T̂
-    gives ∇T̂ = 2B H_ŷ g_ŷ, an exact Hessian (GN + NME of the sampled labels, Section 5.3). The
-    sampled-label gradient is pulled back through the clean pass's own graph, so that the outer
-    reverse pass runs through one forward pass, not two.
-    """
+    """L0 + (σ²/2) tr(GN) with the sampled-label estimator T̂ = B‖∇L0(θ, ŷ)‖² (Eq. 19-21), ŷ ~ Cat(softmax z) from
+    the clean pass, held fixed (stop_gradient). Double backprop through T̂ gives ∇T̂ = 2B H_ŷ g_ŷ, an exact Hessian
+    (GN + NME of the sampled labels, Section 5.3). The sampled-label gradient is pulled back through the clean pass's
+    own graph, so the outer reverse pass runs through one forward pass, not two."""
 
     def logits(w):
         loss, (new_state, z) = loss_fn(w, state, batch)
@@ -427,39 +390,28 @@ RULES: dict[str, Callable[..., Step]] = {
     "gn_trace": gn_trace,
 }
 
-
-# The learning rate's multiplier: SCHEDULES[name](warmup steps, total steps) -> f(step), traceable. The
-# paper's: linear warm-up from 0, then cosine decay to 0 (Goyal et al.; Section 3).
+# The learning rate's multiplier: SCHEDULES[name](warmup steps, total steps) -> f(step), traceable. The paper's:
+# linear warm-up from 0, then cosine decay to 0 (Goyal et al.; Section 3).
 SCHEDULES: dict[str, Callable] = {
     "cosine": lambda warmup, total: optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, max(total, warmup + 1)),
 }
 
 
 #### Models ########################################################################################
-# Every model is called on ONE channel-first example: model(x [C,H,W], state, *, key=None) ->
-# (logits [num_classes], state); `apply` vmaps it over the batch with axis_name="batch", which is
-# the axis BatchNorm reduces over. Every nonlinearity is the `act` passed in (max pooling in the
-# ResNet stem excepted, as the architecture prescribes), so that swapping the activation swaps the
-# network's whole second-order behaviour. Convolutions: Kaiming-normal fan_out (torchvision, and the
-# WRN reference), no bias. Linear heads: Equinox's default U(±1/√fan_in) weight (PyTorch's default,
-# which torchvision keeps), zero bias (WRN reference); a zero weight would make the
-# Gauss-Newton/NME split degenerate at initialisation.
-
-
+# Every model is called on ONE channel-first example: model(x [C,H,W], state, *, key=None) -> (logits [num_classes],
+# state); `apply` vmaps it over the batch with axis_name="batch", the axis BatchNorm reduces over. Every nonlinearity
+# is the `act` passed in (bar the ResNet stem's max pooling, which the architecture prescribes), so swapping the
+# activation swaps the network's whole second-order behaviour. Convolutions: Kaiming-normal fan_out (torchvision, the
+# WRN reference), no bias. Linear heads: Equinox's default U(±1/√fan_in) weight (PyTorch's, kept by torchvision), zero
+# bias (WRN reference); a zero weight would make the Gauss-Newton/NME split degenerate at initialisation.
 class BN(eqx.Module):
-    """BatchNorm whose statistics and running state are fp32 whatever the dtype of x or of the affine
-    parameters (the train step may cast weights to bf16; the running state must not follow).
-
-    Training mode normalises by the mean and biased variance over the batch (the vmapped "batch"
-    axis) and the spatial axes, and updates zero-initialised running averages (momentum 0.9).
-    Inference mode (eqx.nn.inference_mode) uses their debiased values m / (1 − 0.9ⁿ) after n
-    updates; before any update, mean 0 and variance 1.
-
-    The output is (x − μ)·rsqrt(σ² + ε), not Equinox's (x − μ)/√(σ² + ε): reverse mode through the
-    division keeps more residuals, and XLA's CSE does not merge the repeated first-order stream of
-    nested JVPs through it (the README's speed section has the numbers).
-    """
-
+    """BatchNorm with fp32 statistics and running state whatever the dtype of x or of the affine parameters (the step
+    may cast weights to bf16; the running state must not follow). Training mode normalises by the mean and biased
+    variance over the batch (the vmapped "batch" axis) and spatial axes, and updates zero-initialised running averages
+    (momentum 0.9); inference mode (eqx.nn.inference_mode) uses their debiased values m / (1 − 0.9ⁿ) after n updates
+    (before any: mean 0, variance 1). The output is (x − μ)·rsqrt(σ² + ε), not Equinox's (x − μ)/√(σ² + ε): reverse
+    mode through the division keeps more residuals, and XLA's CSE does not merge the repeated first-order stream of
+    nested JVPs through it (numbers: results/README.md)."""
     weight: jax.Array
     bias: jax.Array
     index: eqx.nn.StateIndex  # (updates n, running mean, running variance)
@@ -491,13 +443,10 @@ class BN(eqx.Module):
         return y.astype(x.dtype), state
 
 
-# Eagerly, each distinct shape passed to jax.random costs an XLA compile of the generator (~3 s on
-# CPU; dozens per network), and so does each Equinox layer's own default init. So weights are cut
-# from fixed-size draws of one compiled generator, and layers are built abstractly (eval_shape, no
-# compute) before their weights are set.
+# Eagerly, each distinct shape passed to jax.random costs an XLA compile of the generator (~3 s on CPU; dozens per
+# network), and so does each Equinox layer's default init. So weights are cut from fixed-size draws of one compiled
+# generator, and layers are built abstractly (eval_shape, no compute) before their weights are set.
 _CHUNK = 1 << 16
-
-
 _draw = jax.jit(lambda key: jax.random.normal(key, (_CHUNK,)))
 
 
@@ -545,7 +494,6 @@ class ConvBN(eqx.Module):
 
 class Basic(eqx.Module):
     """ResNet-18/34 block; the last BN's gamma starts at 0 so the block starts as its shortcut."""
-
     c1: ConvBN
     c2: ConvBN
     short: ConvBN | None
@@ -569,7 +517,6 @@ class Basic(eqx.Module):
 
 class Bottleneck(eqx.Module):
     """ResNet v1.5 bottleneck: the stride sits on the 3x3 conv; the last BN's gamma starts at 0."""
-
     c1: ConvBN
     c2: ConvBN
     c3: ConvBN
@@ -625,9 +572,7 @@ class ResNet(eqx.Module):
 
 
 class PreAct(eqx.Module):
-    """WRN block: BN-act-conv3x3-BN-act-conv3x3; a 1x1 conv on the activated input where the shape
-    changes (as in the reference implementation), else the identity."""
-
+    """WRN block BN-act-conv3x3-BN-act-conv3x3; a reshaping shortcut: 1x1 conv of the activated input (reference)."""
     bn1: BN
     conv1: eqx.nn.Conv2d
     bn2: BN
@@ -654,7 +599,6 @@ class PreAct(eqx.Module):
 
 class WRN(eqx.Module):
     """Pre-activation WideResNet-depth-width (Zagoruyko & Komodakis 2016), without dropout."""
-
     stem: eqx.nn.Conv2d
     blocks: tuple
     bn: BN
@@ -685,11 +629,9 @@ class WRN(eqx.Module):
 
 
 class CNN(eqx.Module):
-    """(conv3x3-BN-act) x2 at `width`, 2x2 pool, (conv3x3-BN-act) x2 at 2*width, 2x2 pool, then global
-    pool and linear; or, with `side`, the input resized to side x side (as MLP) and the last feature map
-    flattened into the linear head: global pooling leaves a small CNN too little capacity to over-fit.
-    Average pooling keeps the activation the network's only nonlinearity."""
-
+    """(conv3x3-BN-act) x2 at `width`, 2x2 pool, the same at 2*width, then global pool and linear; with `side`, the
+    input resized to side x side (as MLP) and the last feature map flattened into the head (global pooling leaves a
+    small CNN too little capacity to over-fit). Average pooling keeps the activation the only nonlinearity."""
     convs: tuple
     pool: eqx.nn.AvgPool2d
     fc: eqx.nn.Linear
@@ -718,7 +660,6 @@ class CNN(eqx.Module):
 
 class Tiny(eqx.Module):
     """conv3x3(8)-BN-act, global pool, linear: for fast tests."""
-
     conv: ConvBN
     fc: eqx.nn.Linear
     act: Activation  # a pytree node: its beta is a leaf (see Activation)
@@ -735,10 +676,8 @@ class Tiny(eqx.Module):
 
 
 class MLP(eqx.Module):
-    """Image resized to 14x14 (any input size), flattened, then (linear-BN-act) x depth at `width`,
-    linear. The CPU-scale model of the figure scripts: matrix products are far cheaper than
-    convolutions on a CPU, and the activation is still the network's only nonlinearity."""
-
+    """Image resized to 14x14 (any input size), flattened, (linear-BN-act) x depth at `width`, linear: the figure
+    scripts' CPU-scale model (matmuls are far cheaper than convolutions on a CPU); the only nonlinearity is `act`."""
     hidden: tuple
     norms: tuple
     fc: eqx.nn.Linear
@@ -781,8 +720,8 @@ def _width(cls, second="depth"):
     return make
 
 
-# name pattern -> (its groups -> build(num_classes, act, key, in_channels)); sizes are checked here,
-# so a bad name fails when the flags are read, not when the model is built.
+# name pattern -> (its groups -> build(num_classes, act, key, in_channels)); sizes are checked here, so a bad name
+# fails when the flags are read, not when the model is built.
 MODELS: dict[str, Callable] = {
     "resnet50": lambda: functools.partial(ResNet, Bottleneck, (3, 4, 6, 3)),
     "resnet18": lambda: functools.partial(ResNet, Basic, (2, 2, 2, 2)),
@@ -808,8 +747,7 @@ def make_model(name: str, num_classes: int, act: Activation, key, *, in_channels
 
 
 def apply(model, state, x):
-    """Logits [B, num_classes] and the new state for a batch x [B, C, H, W]; BatchNorm reduces over
-    the batch in training mode (use eqx.nn.inference_mode(model) for running statistics)."""
+    """Logits [B, num_classes] and new state of a batch x [B, C, H, W]; training-mode BatchNorm reduces over it."""
     return jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")(x, state)
 
 
@@ -818,15 +756,10 @@ def _is_param(x) -> bool:
     return eqx.is_inexact_array(x) or (isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact))
 
 
-def count_params(model) -> int:
-    """Number of scalars in inexact-array leaves."""
-    return sum(math.prod(a.shape) for a in jax.tree.leaves(model) if _is_param(a))
-
-
 def decay_mask(model) -> PyTree:
-    """Weight-decay mask, structured like eqx.filter(model, eqx.is_inexact_array): True on conv and
-    linear weights, False on every other inexact array (BN gamma/beta, biases), None elsewhere.
-    Accepts the full model or its filtered parameters (e.g. as an optax mask callable)."""
+    """Weight-decay mask shaped like eqx.filter(model, eqx.is_inexact_array): True on conv and linear weights, False
+    on other inexact arrays (BN gamma/beta, biases), None elsewhere. Takes the model or its filtered parameters (as an
+    optax mask callable)."""
     is_layer = lambda x: isinstance(x, (eqx.nn.Conv, eqx.nn.Linear))  # noqa: E731
 
     def leaf(x):
@@ -841,11 +774,8 @@ def decay_mask(model) -> PyTree:
 
 
 #### Data ##########################################################################################
-# Host side: Grain only shuffles, shards (by JAX process) and batches uint8 images (plus JPEG
-# decoding for ImageNet); the small-image augmentation and normalisation run on the device inside
-# the jitted step (`augment_small`, `normalize`).
-
-
+# Host side: Grain only shuffles, shards (by JAX process) and batches uint8 images (and decodes ImageNet's JPEGs);
+# small-image augmentation and normalisation run on the device inside the jitted step (`augment_small`, `normalize`).
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
 
 
@@ -857,8 +787,7 @@ class DatasetSpec(NamedTuple):
     n_train: int = 0  # images of the full training set
 
 
-# Statistics of the training sets (ImageNet: the usual torchvision values).
-DATASET_SPECS = {
+DATASET_SPECS = {  # statistics of the training sets (ImageNet: the usual torchvision values)
     "fashion_mnist": DatasetSpec(10, (28, 28, 1), (72.940,), (90.021,), 60_000),
     "cifar10": DatasetSpec(
         10, (32, 32, 3), (125.307, 122.950, 113.865), (62.993, 62.089, 66.705), 50_000
@@ -868,25 +797,16 @@ DATASET_SPECS = {
     ),
 }
 
-
 FMNIST_DIR = Path(__file__).parent / "data" / "fashion-mnist"
-
-
-# SHA-256 of the gz files as shipped in Debian's dataset-fashion-mnist package.
-FMNIST_SHA256 = {
+FMNIST_SHA256 = {  # SHA-256 of the gz files as shipped in Debian's dataset-fashion-mnist package
     "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
     "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
     "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
     "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
 }
 
-
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-
-
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-
-
 CIFAR10_DIR = Path(__file__).parent / "data"  # holds cifar-10-batches-py/
 
 
@@ -901,8 +821,7 @@ def _file_digest(path, algo):
 def _read_idx(path, ndim):
     with gzip.open(path, "rb") as f:
         raw = f.read()
-    # idx header: two zero bytes, dtype code 0x08 (uint8), ndim, then big-endian dims.
-    if raw[:4] != bytes((0, 0, 8, ndim)):
+    if raw[:4] != bytes((0, 0, 8, ndim)):  # idx header: two zero bytes, dtype 0x08 (uint8), ndim, big-endian dims
         raise ConfigError(f"{path} is not a uint8 idx file with {ndim} dims; re-copy it")
     dims = np.frombuffer(raw, ">u4", ndim, 4)
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -1006,27 +925,21 @@ def _process_shard(batch_size):
     return jax.process_index(), count, batch_size // count
 
 
-# In-memory data: worker threads would only contend for the GIL.
-_NO_THREADS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+_NO_THREADS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # in memory, threads only contend for the GIL
 
 
 def small_batches(x, y, batch_size, *, seed, num_epochs, start_step=0, shuffle=True):
-    """Training batches (uint8 [b,H,W,C], int32 [b]), b = batch_size / processes.
-
-    Every epoch is a fresh permutation (from seed and the epoch number, so the
-    seed must be the same on every process) split across processes, its
-    remainder dropped; num_epochs=None repeats forever.
-    Starting at start_step yields exactly the tail of the stream started at 0,
-    so a resumed run sees the batches it would have seen.
-    """
+    """Training batches (uint8 [b,H,W,C], int32 [b]), b = batch_size / processes. Every epoch is a fresh permutation
+    (from seed and the epoch number, so the seed must be the same on every process) split across processes, its
+    remainder dropped; num_epochs=None repeats forever. Starting at start_step yields exactly the tail of the stream
+    started at 0, so a resumed run sees the batches it would have seen."""
     index, count, b = _process_shard(batch_size)
     n = len(x) - len(x) % count  # equal shards, so all processes take the same number of steps
     steps = n // count // b
     if steps == 0:
         raise ConfigError(f"--batch-size {batch_size} exceeds the {len(x)} training examples")
 
-    # One vectorised permutation per epoch instead of Grain's per-element
-    # shuffle, which costs ~5 ms per 128-example batch in Python.
+    # One vectorised permutation per epoch, not Grain's per-element shuffle (~5 ms per 128-example batch in Python).
     @functools.lru_cache(maxsize=2)
     def epoch_order(epoch):
         order = np.random.default_rng([seed, epoch]).permutation(len(x)) if shuffle else np.arange(len(x))
@@ -1037,19 +950,15 @@ def small_batches(x, y, batch_size, *, seed, num_epochs, start_step=0, shuffle=T
         idx = epoch_order(epoch)[i * b : (i + 1) * b]
         return x[idx], y[idx]
 
-    # The index seen by map_with_index is the global step, so slicing after it
-    # resumes mid-epoch with the same permutation.
+    # map_with_index sees the global step, so slicing after it resumes mid-epoch with the same permutation.
     ds = grain.MapDataset.range(steps).repeat(num_epochs).map_with_index(get)[start_step:]
     return iter(ds.to_iter_dataset(_NO_THREADS))
 
 
 def eval_batches(x, y, batch_size):
-    """Batches of this process's shard in order; the last one may be smaller.
-
-    Shards are strided (process i gets examples i, i+P, ...) and cover every
-    example exactly once; processes may differ by one example (and, rarely,
-    one batch), so sum correct counts rather than averaging batch accuracies.
-    """
+    """Batches of this process's shard in order, the last one maybe smaller. Shards are strided (process i gets
+    examples i, i+P, ...) and cover every example exactly once; processes may differ by one example (rarely, one
+    batch), so sum correct counts rather than averaging batch accuracies."""
     index, count, b = _process_shard(batch_size)
     idx = np.arange(index, len(x), count)
 
@@ -1061,10 +970,7 @@ def eval_batches(x, y, batch_size):
 
 
 def augment_small(key, x):
-    """Per-example reflect-pad-4 random crop and horizontal flip of uint8 [B,H,W,C].
-
-    Reflect padding as in common CIFAR trainers (the WRN code pads by reflection).
-    """
+    """Per-example random crop (reflect-pad 4, as CIFAR trainers and the WRN code) and flip of uint8 [B,H,W,C]."""
     b, h, w, c = x.shape
     pad = 4
     k_crop, k_flip = jax.random.split(key)
@@ -1086,9 +992,7 @@ def normalize(x, mean, std):
 
 
 class _ImageFolder:
-    """Random-access (path, label) source; paths stored as one bytes array so
-    the source pickles cheaply into each Grain worker."""
-
+    """Random-access (path, label) source; paths stored as one bytes array so it pickles cheaply into each worker."""
     def __init__(self, root, classes, subset=None):
         rel, labels = [], []
         for label, wnid in enumerate(classes):
@@ -1122,9 +1026,9 @@ def _reduction(side, need):
 
 
 def _open_rgb(path, pick=lambda w, h: 1):
-    """(RGB image, r, (w, h)): the file of size (w, h) decoded at 1/r of its size, where r = pick(w, h)
-    (from the header alone) if the decoder can (JPEG: libjpeg's scaled IDCT, each pixel the mean of an
-    r x r block), else 1; None for an unreadable file, logged once per file and process."""
+    """(RGB image, r, (w, h)): the file of size (w, h) decoded at 1/r of its size, r = pick(w, h) (from the header
+    alone) if the decoder can (JPEG: libjpeg's scaled IDCT, each pixel the mean of an r x r block), else 1; None for
+    an unreadable file, logged once per file and process."""
     try:
         with open(path, "rb") as f:  # one read: PIL's parser otherwise issues dozens of small ones
             raw = io.BytesIO(f.read())
@@ -1132,9 +1036,8 @@ def _open_rgb(path, pick=lambda w, h: 1):
             w, h = im.size
             s, r = pick(w, h), 1.0
             if s > 1:
-                # Pillow takes the largest scale s' <= min(w // (w // s), h // (h // s)) = s and returns
-                # (mode, (0, 0, w / s', h / s')), or None for a non-JPEG: the exact factor, since the
-                # reduced image is ceil(w / s') wide.
+                # Pillow takes the largest scale s' <= min(w // (w // s), h // (h // s)) = s and returns (mode,
+                # (0, 0, w / s', h / s')), or None for a non-JPEG: the exact factor (the image is ceil(w / s') wide).
                 got = im.draft("RGB", (w // s, h // s))
                 if got is not None:
                     r = w / got[1][2]
@@ -1159,8 +1062,7 @@ def _random_resized_crop(w, h, rng):
             left = int(rng.integers(0, w - cw + 1))
             top = int(rng.integers(0, h - ch + 1))
             return left, top, left + cw, top + ch
-    # Fallback (as torchvision): the centred crop with the ratio clamped into range.
-    if w / h < 3 / 4:
+    if w / h < 3 / 4:  # fallback (as torchvision): the centred crop with the ratio clamped into range
         cw, ch = w, min(h, round(w * 4 / 3))
     elif w / h > 4 / 3:
         cw, ch = min(w, round(h * 4 / 3)), h
@@ -1171,10 +1073,9 @@ def _random_resized_crop(w, h, rng):
 
 
 def _imagenet_train(record, rng, size=224):
-    """Random-resized crop (area 8-100%, aspect 3/4-4/3, `_random_resized_crop`) resized to size x size,
-    then a horizontal flip with probability 1/2. The crop is drawn in original pixels first, then the
-    file is decoded at the largest scale-down that leaves the crop at least `size` px on each side, so
-    the resize never upsamples because of the reduction."""
+    """Random-resized crop (`_random_resized_crop`) resized to size x size, then a horizontal flip with probability
+    1/2. The crop is drawn in original pixels, then the file decoded at the largest scale-down leaving the crop at
+    least `size` px on each side, so the reduction never makes the resize upsample."""
     path, label = record
     box = None
 
@@ -1194,15 +1095,14 @@ def _imagenet_train(record, rng, size=224):
 
 
 def eval_resize(size):
-    """The shorter side evaluation resizes to before its centre crop of `size`: the standard 256/224
-    ratio (256 at the paper's 224, 146 at 128, 73 at 64)."""
+    """Eval's shorter side before its centre crop of `size`: ratio 256/224 (256 at 224, 146 at 128, 73 at 64)."""
     return round(size * 256 / 224)
 
 
 def _imagenet_eval(record, size=224):
-    """Resize the shorter side to eval_resize(size) (256 at 224), centre-crop size x size; decoded at the
-    smallest scale with a shorter side of at least that, and only the crop's region resized (the same
-    sample points as resizing the whole image and cropping)."""
+    """Resize the shorter side to eval_resize(size), centre-crop size x size; decoded at the smallest scale with a
+    shorter side of at least that, and only the crop's region resized (the same sample points as resizing the whole
+    image and cropping)."""
     path, label = record
     short = eval_resize(size)
     opened = _open_rgb(path, lambda w, h: _reduction(min(w, h), short))
@@ -1219,17 +1119,11 @@ def _imagenet_eval(record, size=224):
 
 def imagenet_batches(source: _ImageFolder, split, batch_size, *, seed, num_epochs, start_step=0, workers=None,
                      image_size=224):
-    """Batches (uint8 [b,S,S,3], int32 [b]) of one split of an ImageFolder, S = image_size.
-
-    split "train": reshuffled each epoch, random-resized-crop to S + flip with
-    randomness fixed by (seed, position in the stream), batches run across
-    epoch boundaries. split "val": in order, one pass, resize the shorter side
-    to eval_resize(S) (256 at 224) + centre crop S, last batch may be smaller,
-    num_epochs ignored. The seed must be the
-    same on every JAX process. Unreadable images are logged and skipped;
-    resuming at start_step is exact only if none was skipped before it, and
-    only with the same number of workers.
-    """
+    """Batches (uint8 [b,S,S,3], int32 [b]) of one split of an ImageFolder, S = image_size. "train": reshuffled each
+    epoch, random-resized-crop to S + flip with randomness fixed by (seed, position in the stream), batches running
+    across epoch boundaries. "val": in order, one pass (num_epochs ignored), shorter side resized to eval_resize(S)
+    + centre crop S, the last batch maybe smaller. The seed must be the same on every JAX process. Unreadable images
+    are logged and skipped; resuming at start_step is exact only if none was skipped before it, with as many workers."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     index, count, b = _process_shard(batch_size)
@@ -1237,29 +1131,24 @@ def imagenet_batches(source: _ImageFolder, split, batch_size, *, seed, num_epoch
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
     if workers > 0 and not absl_flags.FLAGS.is_parsed():
-        # Grain 0.2.x reads an absl flag when starting workers and fails in
-        # programs that never parse absl flags (google/grain#1355).
+        # Grain 0.2.x fails starting workers in programs that never parse absl flags (google/grain#1355).
         absl_flags.FLAGS.mark_as_parsed()
-    # PIL releases the GIL while decoding, so two threads per worker help;
-    # to_iter_dataset drops the None of unreadable images.
+    # PIL releases the GIL while decoding, so two threads per worker help; to_iter_dataset drops a bad image's None.
     threads = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
     ds = grain.MapDataset.source(source)
     if split == "train":
         n = len(source) - len(source) % count
         ds = ds.seed(seed).shuffle()[:n][index::count].repeat(num_epochs)
-        # After the shard/repeat so each process and epoch draws new crops, and
-        # before the resume slice so a resumed run draws the same ones.
+        # After shard/repeat (new crops per process and epoch), before the resume slice (a resumed run draws the same).
         ds = ds.random_map(functools.partial(_imagenet_train, size=image_size))
-        # Workers batch in shared memory, worker w from elements w, w+W, ...,
-        # and take turns; so skip whole rounds of W batches by slicing and the
-        # remaining batches by consuming them.
+        # Workers batch in shared memory, worker w from elements w, w+W, ..., and take turns: skip whole rounds of
+        # W batches by slicing, the remaining batches by consuming them.
         rounds, rest = divmod(start_step, max(workers, 1))
         ds = ds[rounds * max(workers, 1) * b :].to_iter_dataset(threads)
         ds = ds.batch(b, drop_remainder=True)
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     else:
-        # Batching after the workers keeps the order and leaves one short
-        # batch instead of one per worker (each short shape is a recompile).
+        # Batching after the workers keeps the order and leaves one short batch, not one per worker (each a recompile).
         rest = 0
         ds = ds[index::count].map(functools.partial(_imagenet_eval, size=image_size))
         ds = ds[start_step * b :].to_iter_dataset(threads)
@@ -1273,7 +1162,6 @@ def imagenet_batches(source: _ImageFolder, split, batch_size, *, seed, num_epoch
 
 class InMemory:
     """A dataset held as uint8 [N,H,W,C] arrays: Fashion-MNIST, CIFAR-10, or any arrays a test makes."""
-
     def __init__(self, spec: DatasetSpec, x_train, y_train, x_test, y_test):
         self.spec, self.x_train, self.y_train, self.x_test, self.y_test = spec, x_train, y_train, x_test, y_test
         self.n_train, self.n_test = len(y_train), len(y_test)
@@ -1284,10 +1172,6 @@ class InMemory:
     def test(self, batch_size):
         return eval_batches(self.x_test, self.y_test, batch_size)
 
-    def probe_batch(self, n):
-        """The first n training images and labels (noisy labels included): the probe's fixed batch."""
-        return self.x_train[:n], self.y_train[:n]
-
     def train_eval(self, batch_size):
         """(batches, n) of up to 10,000 training images in order: is the model interpolating?"""
         n = min(self.n_train, 10_000)
@@ -1295,11 +1179,9 @@ class InMemory:
 
 
 class ImageFolder:
-    """An ImageNet-style folder, data_dir/{train,val}/<class>/*.JPEG, scanned once: the classes are
-    the folders under train/, in sorted order. Decoding runs in `workers` processes; images come out
-    image_size x image_size (`imagenet_batches`). A folder re-encoded by `reencode` has the same
-    layout and works unchanged."""
-
+    """An ImageNet-style folder, data_dir/{train,val}/<class>/*.JPEG, scanned once; the classes are the folders under
+    train/, sorted. Decoding runs in `workers` processes; images come out image_size x image_size
+    (`imagenet_batches`). A folder re-encoded by `reencode` has the same layout and works unchanged."""
     LAYOUT = "a folder holding train/<class>/*.JPEG and val/<class>/*.JPEG (e.g. --data-dir /data/imagenet)"
 
     def __init__(self, data_dir, *, train_subset=None, test_subset=None, workers=None, image_size=224):
@@ -1327,19 +1209,12 @@ class ImageFolder:
         return imagenet_batches(self.sources["val"], "val", batch_size, seed=0, num_epochs=1, workers=self.workers,
                                 image_size=self.image_size)
 
-    def probe_batch(self, n):
-        """The first n readable training images of the folder, centre-cropped as for evaluation."""
-        got = [r for r in (_imagenet_eval(self.sources["train"][i], self.image_size)
-                           for i in range(min(2 * n, self.n_train))) if r]
-        return np.stack([x for x, _ in got[:n]]), np.array([y for _, y in got[:n]], np.int32)
-
     def train_eval(self, batch_size):
         return None  # a pass over training images in eval mode costs an epoch's decoding: skipped
 
 
 def _noisy(y, fraction, num_classes):
-    """A fixed `fraction` of the labels (the same for every run and seed) moved to another class,
-    uniformly: symmetric label noise."""
+    """A fixed `fraction` of labels (the same for every run and seed) moved uniformly to another class: symmetric."""
     rng = np.random.default_rng(0)
     idx = rng.choice(len(y), int(round(fraction * len(y))), replace=False)
     y = y.copy()
@@ -1365,17 +1240,14 @@ _load_small_cached = functools.lru_cache(maxsize=2)(load_small)  # a sweep decod
 
 
 #### Configuration (MATH.md §4-§5) #################################################################
-# What a run trains, whole, in one place: TrainConfig (every field with its default, its check and
-# its flag: `setting`), the three setups (SETUPS), and a run's identity (its fields and seed) as the
-# CSV rows, resume, checkpoints and plots compare it.
-
-
+# What a run trains, in one place: TrainConfig (each field's default, check and flag: `setting`), the setups (SETUPS),
+# and a run's identity (its fields and seed) as CSV rows, resume, checkpoints and plots compare it.
 def setting(default, check: Callable[[Any], str | None] | None = None, *, flag: bool = True, array: bool = False,
             help: str = ""):
-    """A configuration field: its default; the check of a value (None when the value is accepted, else
-    the accepted values as text; a None value is never checked); whether every figure script has a
-    --flag for it (`Flags`; False: the script's runs set it); whether the step reads it as a scalar
-    array (`Hyper`: a sweep over it compiles once); and the flag's help."""
+    """A configuration field: its default; the check of a value (None when accepted, else the accepted values as
+    text; a None value is never checked); whether every figure script has a --flag for it (`Flags`; False: the
+    script's runs set it); whether the step reads it as a scalar array (`Hyper`: a sweep over it compiles once); and
+    the flag's help."""
     return dataclasses.field(default=default, metadata={"check": check, "flag": flag, "array": array, "help": help})
 
 
@@ -1407,11 +1279,9 @@ def _known_model(name):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """What one run trains. Every field is part of the run's identity: two runs with the same fields
-    and seed are the same run (resume, CSV rows, plots, checkpoints). A run starts from its dataset's
-    setup (SETUPS); a default here is what a column missing from an older CSV means, so it never
-    changes. A new field is one line: its default, its check and its flag (`setting`)."""
-
+    """What one run trains. Every field is part of the run's identity: two runs with the same fields and seed are the
+    same run (resume, CSV rows, plots, checkpoints). A run starts from its dataset's setup (SETUPS); a default here is
+    what a column missing from an older CSV means, so it never changes. A new field is one line (`setting`)."""
     dataset: str = setting("fashion_mnist", one_of(DATASETS))
     model: str = setting("mlp256", _known_model)
     activation: str = setting("relu", one_of(ACTIVATIONS), flag=False)
@@ -1442,9 +1312,8 @@ class TrainConfig:
 
 @functools.cache
 def hyper_class(cls: type) -> type:
-    """The namedtuple of the fields of `cls` (TrainConfig or a subclass) marked array=True: what the step
-    reads of them as scalar arrays (a rule reads hp.rho, hp.sigma2, or a copied script's own), so that a
-    sweep over any of them compiles once."""
+    """The namedtuple of the array=True fields of `cls` (TrainConfig or a subclass), which the step reads as scalar
+    arrays (a rule reads hp.rho, hp.sigma2, or a copied script's own), so a sweep over any of them compiles once."""
     arrays = [f for f in dataclasses.fields(cls) if f.metadata["array"]]
     return collections.namedtuple("Hyper", [f.name for f in arrays], defaults=[f.default for f in arrays])
 
@@ -1458,12 +1327,11 @@ def hyper(cfg):
     return cls(*(jnp.float32(getattr(cfg, f)) for f in cls._fields))
 
 
-# Every setup, whole (MATH.md §4). A script's runs set activation, beta, method, rho and sigma2; a
-# script may change its setup (its Config's `overrides`), and a flag given changes both.
+# Every setup, whole (MATH.md §4). A script's runs set activation, beta, method, rho and sigma2; a script may change
+# its setup (its Config's `overrides`), and a flag given changes both.
 SETUPS = {
-    # The CPU regimes (MATH.md §5, results/README.md): a BN MLP and a BN conv net over-fitting 1,024
-    # Fashion-MNIST images of which 30% carry a wrong label, each chosen by the curvature probe among
-    # candidates (results/regimes/).
+    # The CPU regimes (MATH.md §5, results/README.md): a BN MLP and a BN conv net over-fitting 1,024 Fashion-MNIST
+    # images of which 30% carry a wrong label, each chosen by the curvature probe among candidates (results/regimes/).
     "fashion_mnist": TrainConfig(
         dataset="fashion_mnist", model="mlp256", epochs=50, batch_size=128, lr=0.05, momentum=0.9, nesterov=True,
         weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=1.0, augment=False, train_subset=1024,
@@ -1472,8 +1340,7 @@ SETUPS = {
         dataset="fashion_mnist", model="cnn8f14", epochs=50, batch_size=128, lr=0.05, momentum=0.9, nesterov=True,
         weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=1.0, augment=False, train_subset=1024,
         test_subset=None, label_noise=0.3, dtype="float32"),
-    # The paper's setups, cosine decay for both as in the paper.
-    "cifar10": TrainConfig(
+    "cifar10": TrainConfig(  # the paper's setups, both with cosine decay as in the paper
         dataset="cifar10", model="wrn28_10", epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
         weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=0.0, augment=True, train_subset=None,
         test_subset=None, label_noise=0.0, dtype="float32"),
@@ -1483,11 +1350,8 @@ SETUPS = {
         test_subset=None, label_noise=0.0, dtype="float32"),
 }
 
-
 CPU_SETUP = "fashion_mnist"  # a script's default setup
 PAPER_SETUPS = ("cifar10", "imagenet")  # the paper's, for an accelerator; the others are sized for a CPU
-
-
 # --smoke on any dataset: a tiny model, one epoch (and one seed, the ends of each sweep: `run_script`).
 SMOKE = dict(model="mlp16", train_subset=256, test_subset=512, batch_size=64, epochs=1)
 
@@ -1495,7 +1359,6 @@ SMOKE = dict(model="mlp16", train_subset=256, test_subset=512, batch_size=64, ep
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """How a run is executed: nothing here changes what it computes."""
-
     data_dir: str | None = setting(None)
     eval_batch_size: int = setting(1000, above(0))
     ckpt_dir: str | None = setting(None, help="one subfolder per run; rerunning the same command resumes")
@@ -1510,9 +1373,8 @@ class RunOptions:
 
 
 def for_dataset(dataset: str, cls: type = TrainConfig, **overrides) -> TrainConfig:
-    """The setup of `dataset` (SETUPS) as a `cls` (TrainConfig or a copied script's subclass) with
-    `overrides`, those that are None ignored. ImageNet's lr follows its batch size, 0.1 × batch/256
-    (Goyal et al. 2018), unless lr is given."""
+    """The setup of `dataset` (SETUPS) as a `cls` (TrainConfig or a copied script's subclass) with the `overrides`
+    that are not None. ImageNet's lr follows its batch size, 0.1 × batch/256 (Goyal et al. 2018), unless given."""
     if accepted := one_of(SETUPS)(dataset):
         raise ConfigError(f"--dataset: got {dataset!r}; accepted: {accepted}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -1522,8 +1384,7 @@ def for_dataset(dataset: str, cls: type = TrainConfig, **overrides) -> TrainConf
 
 
 def validate(cfg) -> None:
-    """Every bad value of a configuration (TrainConfig, RunOptions, a script's Config) as one
-    ConfigError naming its flag: the check of each field (`setting`)."""
+    """The first value of a configuration dataclass failing its check (`setting`), as a ConfigError naming its flag."""
     for f in dataclasses.fields(cfg):
         value, check = getattr(cfg, f.name), f.metadata.get("check")
         if check and value is not None and (accepted := check(value)):
@@ -1532,14 +1393,13 @@ def validate(cfg) -> None:
         raise ConfigError(f"--image-size: applies to --dataset imagenet only, not {cfg.dataset}")
 
 
-
 def run_steps(cfg: TrainConfig, n_train: int | None = None) -> tuple[int, int]:
-    """(steps per epoch, total steps) of a run on n_train training images (None: its dataset's full
-    training set, capped by train_subset): an epoch drops its last partial batch."""
+    """(steps per epoch, total steps) on n_train images (None: all, capped by train_subset); partial batches dropped."""
     if n_train is None:
         n_train = min(cfg.train_subset or math.inf, DATASET_SPECS[cfg.dataset].n_train)
     per_epoch = n_train // cfg.batch_size
     return per_epoch, max(1, int(round(cfg.epochs * per_epoch)))
+
 
 def identity(cfg: TrainConfig, seed: int) -> dict:
     """A run's identity, as its CSV row records it."""
@@ -1564,8 +1424,8 @@ def _defaults_of(classes: tuple[type, ...]) -> dict:
 
 
 def defaults() -> dict:
-    """Every configuration field and its default, TrainConfig's first: a row's column that is missing
-    (a CSV written before the field existed, or by a script without it) means the default."""
+    """Every configuration field and its default, TrainConfig's first: a column a row lacks (a CSV written before the
+    field existed, or by a script without it) means the default."""
     return _defaults_of(_classes())
 
 
@@ -1586,8 +1446,7 @@ def _fmt(v) -> str:
 
 
 def row_key(row: dict, fields=None) -> tuple:
-    """The identity of a row (`fields`, by default `id_fields()`), compared as text; a column the row
-    lacks counts as the field's default."""
+    """The identity of a row (`fields`, default `id_fields()`) as text; a column the row lacks counts as its default."""
     d = defaults()
     return tuple(_fmt(row[f] if f in row else d.get(f)) for f in fields or id_fields())
 
@@ -1599,8 +1458,7 @@ def _field(c, f: str) -> str:
 
 
 def varying(configs, fields=None) -> list[str]:
-    """The `fields` (by default every configuration field) whose values differ among `configs`
-    (TrainConfigs or rows)."""
+    """The `fields` (default: every configuration field) whose values differ among `configs` (TrainConfigs or rows)."""
     return [f for f in fields or id_fields()[1:] if len({_field(c, f) for c in configs}) > 1]
 
 
@@ -1609,15 +1467,11 @@ def varying_field(rows: list[dict], f: str) -> set:
 
 
 #### Training ######################################################################################
-# One jitted step over a mesh of all devices: the batch is sharded on the "data" axis, parameters,
-# optimizer and BatchNorm state are replicated, so BatchNorm statistics and ‖g‖ cover the global
-# batch (global view: XLA inserts the all-reduces). The step is compiled once per StepSpec, the
-# hashable description of what its code depends on; every Hyper scalar is an array input.
-
-
+# One jitted step over a mesh of all devices: the batch is sharded on the "data" axis, parameters, optimizer and
+# BatchNorm state replicated, so BatchNorm statistics and ‖g‖ cover the global batch (XLA inserts the all-reduces).
+# The step compiles once per StepSpec, the hashable description of what its code depends on; Hyper scalars are inputs.
 class NetSpec(NamedTuple):
     """What a model's structure depends on."""
-
     model: str
     activation: str
     num_classes: int
@@ -1626,7 +1480,6 @@ class NetSpec(NamedTuple):
 
 class StepSpec(NamedTuple):
     """What the train step's code depends on: one compile per distinct value."""
-
     net: NetSpec
     method: str
     dtype: str
@@ -1649,10 +1502,9 @@ def skeleton(net: NetSpec):
 
 
 def make_optimizer(spec: StepSpec, hp: Hyper):
-    """(optax transform, schedule): SGD with (Nesterov) momentum, coupled weight decay and the run's
-    schedule (SCHEDULES) as a multiplier; the learning rate multiplies its output in the step. Weight
-    decay and momentum are arrays, so sweeping them compiles once. Order as PyTorch SGD: d = g + λθ;
-    m = μm + d; θ -= lr (d + μm | m)."""
+    """(optax transform, schedule): SGD with (Nesterov) momentum, coupled weight decay and the schedule (SCHEDULES)
+    as a multiplier; the step multiplies its output by the learning rate. Weight decay and momentum are arrays (a sweep
+    compiles once). Order as PyTorch SGD: d = g + λθ; m = μm + d; θ -= lr (d + μm | m)."""
     mask = None if spec.decay_norm_and_bias else decay_mask
     schedule = SCHEDULES[spec.schedule](spec.warmup_steps, spec.total_steps)
     return optax.chain(
@@ -1681,8 +1533,8 @@ def make_loss_fn(static, dtype, beta):
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2, 3))
 def train_step(spec: StepSpec, params, opt_state, bn_state, x, y, key, hp: Hyper):
-    """One step: augmentation, loss, update rule, optimizer and BatchNorm state. x is uint8 NHWC.
-    Returns (params, opt_state, bn_state, {"loss": L0}); donates the three states."""
+    """One step (augmentation, loss, update rule, optimizer, BatchNorm state) on uint8 NHWC x: (params, opt_state,
+    bn_state, {"loss": L0}); donates the three states."""
     k_aug, k_rule = jax.random.split(key)
     if spec.augment:
         x = augment_small(k_aug, x)
@@ -1715,19 +1567,9 @@ def _global(mesh, *local):
     return [jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in local]
 
 
-# The coordination service's clocks (jax.distributed.initialize): joining waits up to
-# initialization_timeout for every process to start (a large job's stragglers); a finishing process waits
-# up to shutdown_timeout_seconds for the others at exit.
+# The coordination service's clocks (jax.distributed.initialize): joining waits up to initialization_timeout for every
+# process to start (a large job's stragglers); a finishing process waits up to shutdown_timeout_seconds for the others.
 DIST_TIMEOUTS = dict(initialization_timeout=600, heartbeat_timeout_seconds=60, shutdown_timeout_seconds=120)
-
-
-# A peer that has sent nothing for PEER_TIMEOUT_S is dead: long enough for a loaded host's stalls (the beat
-# is a thread, so tracing and compiling do not stop it).
-PEER_TIMEOUT_S = 60.0
-PEER_BEAT_S = 2.0
-_DONE = b"d"  # a finished process's last byte: its peers stop watching it
-
-
 _EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
@@ -1748,98 +1590,11 @@ def _explicit_launch(env) -> dict:
     return dict(coordinator_address=address, num_processes=int(n), process_id=int(i))
 
 
-class _Watchdog:
-    """Ends this process with one line on stderr (exit 1) when another process of the job dies or stops
-    answering, instead of leaving it blocked in a collective: a host gone without closing its connections,
-    or a collective that blocks instead of failing (NCCL may). Process 0 keeps a TCP connection to every
-    other process, its address broadcast at start; each side writes a byte every PEER_BEAT_S, and end of
-    stream, a socket error or PEER_TIMEOUT_S of silence on a connection is a dead peer (judged by this
-    process's clock alone). A finished process writes _DONE and is no longer watched."""
-
-    def __init__(self, me: int, n: int):
-        self.me, self.n = me, n
-        if me == 0:
-            server = socket.create_server(("", 0))
-            address = f"{socket.gethostname()}:{server.getsockname()[1]}"
-        else:
-            address = ""
-        address = _broadcast(np.frombuffer(address.encode().ljust(256), np.uint8)).tobytes().decode().strip()
-        try:
-            if me == 0:
-                server.settimeout(DIST_TIMEOUTS["initialization_timeout"])
-                self.peers = {}
-                for _ in range(n - 1):
-                    conn, _ = server.accept()
-                    self.peers[conn] = int.from_bytes(conn.recv(4), "big")
-                server.close()
-            else:
-                host, port = address.rsplit(":", 1)
-                conn = socket.create_connection((host, int(port)), timeout=DIST_TIMEOUTS["initialization_timeout"])
-                conn.sendall(me.to_bytes(4, "big"))
-                self.peers = {conn: 0}
-        except OSError as e:
-            stop_job(f"the peer watchdog could not connect the processes through {address} ({e})")
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="peer-watchdog", daemon=True)
-        self.thread.start()
-
-    def _dead(self, p: int, why: str):
-        stop_job(f"JAX process {p} of {self.n} stopped ({why})" if p else f"lost the JAX coordinator (process 0: {why})")
-
-    def _loop(self):
-        heard = {c: time.monotonic() for c in self.peers}
-        while not self.stop.wait(PEER_BEAT_S):
-            for c, p in list(self.peers.items()):
-                try:
-                    got = b""
-                    while select.select([c], [], [], 0)[0] and _DONE not in got:
-                        got += c.recv(64) or b"!"  # "!": end of stream
-                        heard[c] = time.monotonic()
-                    if _DONE in got:  # answer in kind and fall silent, so that it closes with nothing unread
-                        c.sendall(_DONE)
-                        del self.peers[c]
-                        continue
-                    if got.endswith(b"!"):
-                        raise OSError("its connection closed")
-                    c.sendall(b".")
-                except OSError as e:
-                    if not self.stop.is_set():
-                        self._dead(p, e.strerror or str(e))
-                    return
-                if time.monotonic() - heard[c] > PEER_TIMEOUT_S:
-                    self._dead(p, f"no sign of life for {time.monotonic() - heard[c]:.0f} s")
-
-    def done(self):
-        """This process finished. Process 0, whose exit ends the coordination service, waits until every
-        other process has left JAX (jax.distributed.shutdown, then _DONE: watched as before, up to the
-        shutdown timeout); each other process leaves, writes _DONE and reads until process 0 answers (a
-        socket closed with unread bytes would reset the connection instead of ending it)."""
-        if self.me == 0:
-            end = time.monotonic() + DIST_TIMEOUTS["shutdown_timeout_seconds"]
-            while self.peers and self.thread.is_alive() and time.monotonic() < end:
-                time.sleep(0.1)
-            self.stop.set()
-            return
-        jax.distributed.shutdown()
-        self.stop.set()
-        self.thread.join()
-        for c in self.peers:
-            try:
-                c.sendall(_DONE)
-                c.settimeout(4 * PEER_BEAT_S)
-                while (got := c.recv(64)) and _DONE not in got:
-                    pass
-                c.close()
-            except OSError:  # process 0 has gone as well
-                pass
-
-
-_watchdog: _Watchdog | None = None
+_watchdog = None  # tools.Watchdog of a multi-process job
 
 
 def stop_job(why: str) -> None:
-    """End this process of a multi-process job at once with one line on stderr (exit 1): skipping the
-    coordination service's shutdown barrier, which would wait for the dead."""
+    """End this process now, one line on stderr (exit 1), skipping the shutdown barrier that would wait for the dead."""
     sys.stdout.flush()
     print(f"error: process {jax.process_index()}: {why}; stopping. Finished runs are in the CSV: rerun the "
           "same command on every process to continue", file=sys.stderr, flush=True)
@@ -1847,11 +1602,10 @@ def stop_job(why: str) -> None:
 
 
 def maybe_init_distributed() -> None:
-    """jax.distributed.initialize() when launched as several processes: explicitly (JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES, JAX_PROCESS_ID), or by SLURM, Open MPI or a TPU pod (detected by JAX); nothing
-    changes on one host. Recoverable (jax_enable_recoverability), so that a dead peer fails the survivors'
-    collectives, which `run_cli` reports in one line, instead of aborting them from C++ with a stack trace;
-    a _Watchdog ends them where no collective fails. Bad launch variables are a ConfigError."""
+    """jax.distributed.initialize() when launched as several processes: explicitly (the _EXPLICIT variables), or by
+    SLURM, Open MPI or a TPU pod (detected by JAX); nothing on one host. Recoverable (jax_enable_recoverability), so a
+    dead peer fails the survivors' collectives, which `run_cli` reports in one line, instead of aborting them from C++
+    with a stack trace; a tools.Watchdog ends them where no collective fails. Bad launch variables are a ConfigError."""
     global _watchdog
     env = os.environ
     if any(env.get(k) for k in _EXPLICIT):
@@ -1866,20 +1620,21 @@ def maybe_init_distributed() -> None:
     jax.config.update("jax_enable_recoverability", True)
     jax.distributed.initialize(**where, **DIST_TIMEOUTS)
     if jax.process_count() > 1:
-        _watchdog = _Watchdog(jax.process_index(), jax.process_count())
+        from tools import Watchdog  # an instrument around the run; tools.py imports this module
+
+        _watchdog = Watchdog(jax.process_index(), jax.process_count())
 
 
 def padded_eval_batch(eval_batch_size: int) -> int:
-    """The global eval batch: eval_batch_size rounded up to a multiple of the device count, so that
-    any device count shards it (padding is masked)."""
+    """The global eval batch: eval_batch_size rounded up to a multiple of the device count (padding is masked)."""
     n = jax.device_count()
     return -(-eval_batch_size // n) * n
 
 
 def _evaluate(net, spec, mesh, params, bn_state, beta, batches, eval_batch, n_examples):
-    """Accuracy and mean cross-entropy over the examples delivered (at most n_examples; unreadable
-    images are skipped). Every batch is padded to one shape under a mask, and every process runs the
-    same number of batches (its shard may be one batch shorter), so the collectives stay aligned."""
+    """Accuracy and mean cross-entropy over the examples delivered (at most n_examples; unreadable images skipped).
+    Every batch is padded to one shape under a mask, and every process runs the same number of batches (its shard may
+    be one batch shorter), so the collectives stay aligned."""
     eval_batch = padded_eval_batch(eval_batch)
     local = eval_batch // jax.process_count()
     per_process = -(-n_examples // jax.process_count())
@@ -1896,10 +1651,8 @@ def _evaluate(net, spec, mesh, params, bn_state, beta, batches, eval_batch, n_ex
 
 
 class _Log:
-    """Progress of one run. On a terminal: one self-overwriting line on stderr every 25 steps. Else
-    (SLURM, nohup, a pipe): one flushed line on stdout per epoch, at most one per `every_s` seconds,
-    and always the last. Process 0 only; quiet with log=False."""
-
+    """Progress of one run, on process 0 unless log=False. On a terminal: one self-overwriting line on stderr every 25
+    steps; else (SLURM, nohup, a pipe) one flushed stdout line per epoch, at most one per `every_s` s, and the last."""
     def __init__(self, total, steps_per_epoch, enabled, every_s=30.0):
         self.total, self.per_epoch, self.every_s = total, steps_per_epoch, every_s
         self.on = enabled and jax.process_index() == 0
@@ -1968,9 +1721,8 @@ ASK_EVERY = 100  # steps between save decisions of a multi-process run (each one
 
 
 def save_due(step: int, seconds_since_save: float, every_s: float, processes: int) -> bool:
-    """Whether to checkpoint after `step`, from this process's clock. With several processes it is
-    asked only every ASK_EVERY steps and process 0's answer is broadcast (`_agree`), so every process
-    reaches Orbax's collective save at the same step."""
+    """Whether to checkpoint after `step`, by this process's clock. With several processes it is asked only every
+    ASK_EVERY steps and process 0's answer broadcast (`_agree`), so all reach Orbax's collective save together."""
     if processes > 1 and step % ASK_EVERY:
         return False
     return seconds_since_save > every_s
@@ -1994,7 +1746,6 @@ def _broadcast(a: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass
 class Run:
     """One run in progress: its identity, its compiled step's spec, and its training state."""
-
     cfg: TrainConfig
     seed: int
     spec: StepSpec
@@ -2055,8 +1806,8 @@ def _checkpoint(run: Run) -> None:
 
 
 def _read(x) -> float:
-    """The training loop's one device-to-host read per step (a step's loss), allowed explicitly so
-    that a loop run under jax.transfer_guard_device_to_host("disallow") proves there is no other."""
+    """The loop's one device-to-host read per step (a loss), allowed explicitly so that a loop run under
+    jax.transfer_guard_device_to_host("disallow") proves there is no other."""
     with jax.transfer_guard_device_to_host("allow"):
         return float(x)
 
@@ -2068,10 +1819,10 @@ def _examples(x, y) -> str:
 
 def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run], None] | None = None,
         every: int = 0) -> Run:
-    """Train `run` to its last step (or until its loss is not finite: `run.diverged`). With every = N > 0,
-    callback(run) is called after every N-th step and after the last one (a diagnostic: the curvature
-    probe). Each step reads one number from the device (the previous step's loss, `_read`); the
-    callback, checkpoints and the multi-process save decision read on their own steps only."""
+    """Train `run` to its last step (or until its loss is not finite: `run.diverged`). With every = N > 0, calls
+    callback(run) (a diagnostic: the curvature probe) after every N-th step and the last. Each step reads one number
+    from the device (the previous step's loss, `_read`); the callback, checkpoints and the multi-process save
+    decision read on their own steps only."""
     every = every if callback else 0
     batches = data.train(run.cfg.batch_size, seed=run.seed, start_step=run.step)
     log = _Log(run.total, run.steps_per_epoch, opts.log, opts.log_every_s)
@@ -2097,8 +1848,7 @@ def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run
         x, y = _global(run.mesh, *local)
         run.params, run.opt_state, run.bn_state, metrics = train_step(
             run.spec, run.params, run.opt_state, run.bn_state, x, y, jax.random.fold_in(run.key, run.step), run.hp)
-        # Read the previous step's metrics, so the host never waits on the step just launched.
-        if pending is not None:
+        if pending is not None:  # the previous step's metrics: the host never waits on the step just launched
             loss = record(pending)
             if t_loop is None:  # throughput from the end of the first (compiling) step
                 t_loop, images = time.perf_counter(), 0
@@ -2146,25 +1896,22 @@ def evaluate(run: Run, data, opts: RunOptions = RunOptions()) -> dict:
 
 
 #### Results #######################################################################################
-# A results CSV holds one row per run: its identity, then what it measured. Rows are appended whole
-# and fsynced as each run finishes; a row torn by a kill is cut and its run redone. The curvature
-# probe and the spectra are fit's callbacks that append rows of their own.
-
-
+# A results CSV holds one row per run, its identity then what it measured, appended whole and fsynced as the run
+# finishes (a row torn by a kill is cut, its run redone). The curvature probe and spectra are fit's callbacks adding
+# rows of their own.
 METRICS = ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "diverged", "steps", "wall_s")
 
 
 def row_fields(rows: list[dict]) -> list[str]:
-    """The identity fields of results rows: every configuration field, and every other column that is
-    not a measurement (a field of a copied script's subclass, known or not in this process), so that
-    plots and verdicts never average rows of two setups."""
+    """The identity fields of results rows: every configuration field and every other non-measurement column (a
+    copied script's own field, known or not here), so plots and verdicts never average rows of two setups."""
     measured = lambda c: c in METRICS or c.startswith("probe_")  # noqa: E731
     return list(dict.fromkeys([*id_fields(), *(c for c in (rows[0] if rows else ()) if not measured(c))]))
 
 
 def _repair(path) -> None:
-    """Cut a last line without its newline (a writer killed mid-row) from a CSV, with a warning, so
-    that its run is redone. Process 0 alone repairs (the one writer); the others read past it."""
+    """Cut a CSV's last line lacking its newline (a writer killed mid-row), with a warning, so its run is redone.
+    Process 0 alone repairs (the one writer); the others read past it."""
     if jax.process_index() or not os.path.exists(path) or os.path.getsize(path) == 0:
         return
     with open(path, "rb") as f:
@@ -2189,9 +1936,8 @@ def read_rows(path) -> list[dict]:
 
 
 def append_rows(path, rows: list[dict]) -> None:
-    """Append finished rows as one write, flushed and fsynced: a kill leaves either every row or a
-    partial last line that `_repair` cuts. Rows with new columns rewrite the file (atomic replace)
-    under the union of the columns."""
+    """Append finished rows as one write, flushed and fsynced: a kill leaves every row or a partial last line that
+    `_repair` cuts. Rows with new columns rewrite the file (atomic replace) under the union of the columns."""
     _repair(path)
     header = _header(path)
     new = list(dict.fromkeys(c for r in rows for c in r if c not in header))
@@ -2237,10 +1983,9 @@ def _write_rows(path, rows, columns) -> None:
 
 def train(cfg: TrainConfig, seed: int, data=None, opts: RunOptions = RunOptions(),
           probe: Callable[[Run, Any], Callable[[Run], None]] | None = None, every: int = 0) -> dict:
-    """Train one model: setup, fit, evaluate. Returns METRICS (a non-finite loss ends the run early and
-    is recorded as `diverged`, never raised), images_per_s, and the final params, bn_state and probe.
-    `data` defaults to load_data(cfg); tests pass an InMemory of their own. A diagnostic: with `probe`,
-    probe(run, data) after setup gives fit's callback, called every `every` steps (tools.Prober)."""
+    """Train one model: setup, fit, evaluate. Returns METRICS (a non-finite loss ends the run early as `diverged`,
+    never raised), images_per_s, and the final params, bn_state and probe. `data` defaults to load_data(cfg). With
+    `probe` (a diagnostic, tools.Prober), probe(run, data) after setup gives fit's callback, run every `every` steps."""
     t_start = time.perf_counter()
     data = data if data is not None else load_data(cfg, opts.workers, opts.data_dir)
     run = setup(cfg, seed, data, opts)
@@ -2261,15 +2006,11 @@ def train_row(cfg: TrainConfig, seed: int, opts: RunOptions) -> dict:
 
 
 #### Sweeps and the command line ###################################################################
-# A sweep is a list of (TrainConfig, seed): a rerun trains only the runs whose rows its CSV lacks,
-# and refuses to add runs of another setup. A script's flags are generated from the configuration's
-# fields (each with its check); a bad value is one line and exit code 2.
-
-
+# A sweep is a list of (TrainConfig, seed): a rerun trains only the runs its CSV lacks, refusing runs of another setup.
+# Flags are generated from the configuration's fields (each with its check); a bad value is one line and exit code 2.
 @dataclasses.dataclass(frozen=True)
 class _ScriptFlags:
     """The flags of every figure script besides the configuration's own (`Flags`)."""
-
     dataset: str = setting(CPU_SETUP, one_of(SETUPS), help="the setup (SETUPS): fashion_mnist and fashion_mnist_cnn "
                            "are the CPU regimes (mlp256, cnn8f14), cifar10 and imagenet the paper's")
     seeds: int | None = setting(None, at_least(1), help="None: --cpu-seeds in the CPU regime, else --paper-seeds")
@@ -2282,15 +2023,13 @@ class _ScriptFlags:
     plot_only: bool = setting(False)
     cpu_seeds: int = setting(16, at_least(1), help="16: a verdict that does not turn with the machine's rounding")
     paper_seeds: int = setting(5, at_least(1))
-    # A script's changes to a dataset's setup, {dataset: {field: value}}, applied before the flags.
-    overrides: typing.ClassVar[dict[str, dict]] = {}
-    # What its runs are: TrainConfig, or a subclass with a copied script's own fields (README, "Extending").
-    train: typing.ClassVar[type] = TrainConfig
+    overrides: typing.ClassVar[dict[str, dict]] = {}  # a script's {dataset: {field: value}}, applied before the flags
+    train: typing.ClassVar[type] = TrainConfig  # its runs' class: a subclass adds a copied script's own fields
 
 
 def _optional(cls, shown: Callable[[type, str], str]) -> list:
-    """The fields of `cls` that have a flag, as optional Flags fields (None: keep the setup's value),
-    each with its check, its help and, as `shown(script's Config, name)`, its default for --help."""
+    """The fields of `cls` that have a flag, as optional Flags fields (None: keep the setup's value), each with its
+    check, its help and, as `shown(script's Config, name)`, its default for --help."""
     hints = typing.get_type_hints(cls)
     skip = {f.name for f in dataclasses.fields(_ScriptFlags)}
     return [(f.name, hints[f.name] | None, dataclasses.field(
@@ -2298,8 +2037,8 @@ def _optional(cls, shown: Callable[[type, str], str]) -> list:
             for f in dataclasses.fields(cls) if f.metadata.get("flag", True) and f.name not in skip]
 
 
-# Every figure script's flags: the script flags above, then one per TrainConfig and RunOptions field that
-# has a flag, generated; a script's Config extends it with the values it sweeps.
+# Every figure script's flags: the script flags above, then one per TrainConfig and RunOptions field that has a flag,
+# generated; a script's Config extends it with the values it sweeps.
 Flags = dataclasses.make_dataclass(
     "Flags",
     _optional(TrainConfig, lambda config, name: "the setup's: " + ", ".join(
@@ -2309,9 +2048,9 @@ Flags = dataclasses.make_dataclass(
 
 
 def resolve(flags) -> tuple[TrainConfig, RunOptions]:
-    """The base TrainConfig and RunOptions of a script's flags: the dataset's setup (SETUPS), the
-    script's changes to it (its Config's `overrides`), SMOKE under --smoke, then every value given (a
-    flag, or a script's field named as a TrainConfig field)."""
+    """The base TrainConfig and RunOptions of a script's flags: the dataset's setup (SETUPS), the script's changes to
+    it (its Config's `overrides`), SMOKE under --smoke, then every value given (a flag, or a script's field named as
+    a TrainConfig field)."""
     validate(flags)
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"dataset"}
     given = {k: v for k, v in dataclasses.asdict(flags).items() if k in names and v is not None}
@@ -2322,25 +2061,24 @@ def resolve(flags) -> tuple[TrainConfig, RunOptions]:
     return base, opts
 
 
-
 def seed_count(flags) -> int:
     """--seeds, else the script's cpu_seeds in the CPU regime and its paper_seeds on a paper setup."""
     if flags.seeds is not None:
         return flags.seeds
     return flags.paper_seeds if flags.dataset in PAPER_SETUPS else flags.cpu_seeds
 
+
 def smoke_runs(configs: list) -> list:
-    """The configs whose every swept numeric field is at its first or last value (every activation and
-    method stays: the smoke run checks their wiring)."""
+    """Configs with every swept numeric field at its first or last value (every activation and method stays)."""
     swept = [f for f in varying(configs) if not isinstance(getattr(configs[0], f), str)]
     ends = {f: {_fmt(getattr(configs[0], f)), _fmt(getattr(configs[-1], f))} for f in swept}
     return [c for c in configs if all(_fmt(getattr(c, f)) in ends[f] for f in swept)]
 
 
 def check_setup(path, configs, fields=None) -> None:
-    """Refuse to add runs of another setup to a CSV: a field that is constant both among its rows and
-    among the new runs, with different values, is a different setup (a swept field may differ).
-    `configs` are TrainConfigs, or rows of a script that records its setup in other `fields`."""
+    """Refuse to add runs of another setup to a CSV: a field constant both among its rows and among the new runs,
+    with different values, is a different setup (a swept field may differ). `configs` are TrainConfigs, or rows of a
+    script that records its setup in other `fields`."""
     rows = read_rows(path)
     if not rows:
         return
@@ -2360,8 +2098,7 @@ def default_out(script: str, *parts: str) -> Path:
 
 
 def output_dir(out: str | None, default: Path) -> Path:
-    """The folder a script writes to (created): --out, else `default`. An unusable folder is one
-    ConfigError naming --out."""
+    """The folder a script writes to (created): --out, else `default`; an unusable one is a ConfigError naming --out."""
     path = Path(out) if out else default
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path}: is a file; pass a folder")
@@ -2375,8 +2112,7 @@ def output_dir(out: str | None, default: Path) -> Path:
 
 
 def write_config(out_dir, name: str, flags, base: TrainConfig | None = None) -> None:
-    """Add this call to <name>.config.json: its flags, the resolved base setup and the versions, so the
-    file lists every call that wrote to the folder (each row's own setup is in the CSV)."""
+    """Add this call (flags, resolved base setup, versions) to <name>.config.json: all calls that wrote the folder."""
     path = Path(out_dir) / f"{name}.config.json"
     calls = json.loads(path.read_text())["calls"] if path.exists() else []
     versions = {m: importlib.metadata.version(m) for m in ("jax", "jaxlib", "equinox", "optax", "grain", "numpy")}
@@ -2387,18 +2123,16 @@ def write_config(out_dir, name: str, flags, base: TrainConfig | None = None) -> 
 
 
 def pending(path, items: list, identity_of: Callable[[Any], dict], fields=None) -> list:
-    """The `items` whose row is not yet in the CSV at `path`, a row's identity being its `fields` of
-    identity_of(item): what a rerun has left to do."""
+    """The `items` whose row (its `fields` of identity_of(item)) is not yet in the CSV at `path`: a rerun's work."""
     done = {row_key(r, fields) for r in read_rows(path)}
     return [item for item in items if row_key(identity_of(item), fields) not in done]
 
 
 def sweep(path, runs: list[tuple[TrainConfig, int]], opts: RunOptions, run_one=train_row) -> None:
-    """Run every (TrainConfig, seed) of `runs` whose row is not yet in the CSV at `path`, appending
-    each row as soon as its run finishes (process 0 writes)."""
+    """Run the (TrainConfig, seed) `runs` the CSV at `path` lacks, appending each row as it finishes (process 0)."""
     lead = jax.process_index() == 0
-    # Process 0's CSV decides for all: another process may see another file system, and a process
-    # that skipped a run the others train would leave them waiting in its collectives.
+    # Process 0's CSV decides for all: another process may see another file system, and a process that skipped a
+    # run the others train would leave them waiting in its collectives.
     left = pending(path, runs, lambda run: identity(*run)) if lead else []
     todo = _broadcast(np.array([run in left for run in runs], np.int32))
     todo = [r for r, t in zip(runs, todo) if t]
@@ -2416,8 +2150,7 @@ def sweep(path, runs: list[tuple[TrainConfig, int]], opts: RunOptions, run_one=t
 
 
 def use_compile_cache(path: str | None) -> None:
-    """Keep compiled steps on disk across processes (JAX's persistent compilation cache): `path`, or
-    <user cache>/neglected-hessian/jax when None; "" turns it off."""
+    """JAX's persistent compilation cache in `path` (None: <user cache>/neglected-hessian/jax; "": off)."""
     if path == "":
         return
     if path is None:
@@ -2434,9 +2167,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_config(config_cls, argv=None, doc: str | None = None):
-    """argparse over a frozen dataclass: every field is a --flag with its help (`setting`) and default
-    shown; tuple fields take several values; bool fields are --flag / --no-flag. Values are checked
-    by `validate`, after parsing."""
+    """argparse over a frozen dataclass: every field a --flag with its help (`setting`) and default; tuple fields
+    take several values, bool fields are --flag / --no-flag. `validate` checks the values, after parsing."""
     p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
@@ -2457,9 +2189,9 @@ def parse_config(config_cls, argv=None, doc: str | None = None):
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main (after jax.distributed.initialize under a multi-process launcher): a
-    ConfigError becomes one line on stderr and exit code 2; in a multi-process job, a failed
-    collective (another process died: gloo, NCCL or ICI report it) one line and exit code 1."""
+    """Run a script's main (after jax.distributed.initialize under a multi-process launcher): a ConfigError becomes
+    one line on stderr and exit code 2; in a multi-process job, a failed collective (another process died: gloo,
+    NCCL or ICI report it) one line and exit code 1."""
     try:
         maybe_init_distributed()
         main()
@@ -2479,11 +2211,8 @@ def run_cli(main: Callable[[], None]) -> None:
 
 
 #### Plots #########################################################################################
-
-
 def _curves(rows, x: str, facet: str | None):
-    """{panel: {curve key: rows}}: one curve per distinct identity apart from x, facet and seed, so
-    rows of different setups are never averaged."""
+    """{panel: {curve key: rows}}: one curve per distinct identity apart from x, facet and seed (never two setups)."""
     rest = [f for f in row_fields(rows) if f not in (x, facet, "seed")]
     panels: dict = {}
     for r in rows:
@@ -2493,10 +2222,10 @@ def _curves(rows, x: str, facet: str | None):
 
 def plot_sweep(rows: list[dict], png_path, x: str, title: str, *, facet: str | None = None, logx=False,
                xlabel=None, y="test_accuracy", verdicts: list[dict] | None = None) -> list[str]:
-    """Mean over seeds of `y` against `x` with a ±1 sample-sd band (ddof = 1), one line per distinct
-    setup (labelled by the fields that differ between lines), one panel per value of `facet`;
-    diverged runs are marked with an x on the bottom axis. With `verdicts` (judge's lines), a last
-    panel draws each claim's paired contrast and 95% interval against x. Returns the lines' labels."""
+    """Mean over seeds of `y` against `x` with a ±1 sample-sd band (ddof = 1), one line per distinct setup (labelled
+    by the fields that differ between lines), one panel per value of `facet`; diverged runs are an x on the bottom
+    axis. With `verdicts` (judge's lines), a last panel draws each claim's paired contrast and 95% interval against
+    x. Returns the lines' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -2543,8 +2272,8 @@ def plot_sweep(rows: list[dict], png_path, x: str, title: str, *, facet: str | N
 
 
 def plot_contrasts(ax, verdicts: list[dict], x: str, logx: bool, xlabel: str) -> None:
-    """Each claim's paired contrast (mean and 95% t-interval over seeds) against the value of `x` named in
-    its `at`; a filled marker where reproduced, a cross where contradicted, hollow where inconclusive."""
+    """Each claim's paired contrast (mean, 95% t-interval over seeds) against the value of `x` its `at` names; marker
+    filled where reproduced, a cross where contradicted, hollow where inconclusive."""
     series: dict = {}
     for line in verdicts:
         at = dict(part.split("=", 1) for part in line["at"].split(", ") if "=" in part)
@@ -2576,21 +2305,15 @@ def plot_contrasts(ax, verdicts: list[dict], x: str, logx: bool, xlabel: str) ->
 
 
 #### Verdicts (MATH.md §7) #########################################################################
-# One seed fixes the initialisation and the batch order, so runs that share a seed are paired: each
-# claim is a per-seed contrast Σ coef · accuracy, summarised by its mean and 95% t-interval over the
-# seeds where every term has a finished run. Rows of different setups are never averaged: a term
-# that matches two rows for one seed is an error, not a mean.
-
-
+# One seed fixes the initialisation and the batch order, so runs sharing a seed are paired: each claim is a per-seed
+# contrast Σ coef · accuracy, summarised by its mean and 95% t-interval over the seeds where every term has a finished
+# run. Rows of different setups are never averaged: a term matching two rows for one seed is an error, not a mean.
 @dataclasses.dataclass(frozen=True)
 class Contrast:
-    """A per-seed paired contrast summarised over seeds (MATH.md §7), in accuracy points.
-
-    values: seed → contrast of that seed, in increasing seed order; n = len(values); mean (NaN when
-    n = 0); sd, with ddof = 1; half = t_{0.975, n−1} · sd / √n; the 95% interval [lo, hi] =
-    mean ∓ half (sd, half, lo, hi are NaN when n < 2). missing: seeds dropped because some term has
-    no row for them; diverged: seeds dropped because a term's run diverged or has a non-finite value."""
-
+    """A per-seed paired contrast summarised over seeds (MATH.md §7), in accuracy points. values: seed → contrast, in
+    increasing seed order; n = len(values); mean (NaN when n = 0); sd, with ddof = 1; half = t_{0.975, n−1} · sd / √n;
+    the 95% interval [lo, hi] = mean ∓ half (sd, half, lo, hi are NaN when n < 2). Seeds dropped: missing, some term
+    has no row for them; diverged, a term's run diverged or has a non-finite value."""
     values: dict[int, float]
     n: int
     mean: float
@@ -2602,8 +2325,7 @@ class Contrast:
     diverged: int = 0
 
 
-# The measured columns of a results row: rows that differ only in these are repeated runs of one
-# setup, and naming them would not help narrow a selector.
+# Measured columns: rows differing only in these are repeated runs of one setup; naming them cannot narrow a selector.
 _OUTCOME_COLUMNS = frozenset(METRICS)
 
 
@@ -2616,8 +2338,7 @@ def _canonical(v) -> float | str:
 
 
 def _matches(row: dict, selector: dict) -> bool:
-    """Whether the row has every selector value: compared as numbers when both sides parse as floats,
-    else as strings."""
+    """Whether the row has every selector value: as numbers when both sides parse as floats, else as strings."""
     return all(_canonical(row.get(k)) == _canonical(v) for k, v in selector.items())
 
 
@@ -2644,15 +2365,12 @@ def gain_terms(a: dict, b: dict, x: str, at, base=0.0) -> list:
 
 
 def contrast(rows: list[dict], terms, *, y: str = "test_accuracy") -> Contrast:
-    """The paired contrast Σ coef · 100 · y(row) per seed (column "seed") over results rows (MATH.md §7).
-
-    terms: a sequence of (coef, selector), a selector being a dict column → value that picks one
-    setting, e.g. [(+1, {"activation": "gelu", "rho": 0.1}), (-1, {"activation": "gelu", "rho": 0})].
-    A seed enters when every term has a row for it, that run did not diverge and its y is finite;
-    other seeds that some term has are dropped and counted in `missing` (a term has no row; this
-    wins when both apply) or `diverged`. Raises ValueError when a selector names a column no row
-    has, or matches more than one row for one seed (the message names the setup columns in which
-    those rows differ: add them to the selector)."""
+    """The paired contrast Σ coef · 100 · y(row) per seed (column "seed") over results rows (MATH.md §7). terms: a
+    sequence of (coef, selector), a selector being a dict column → value that picks one setting, e.g.
+    [(+1, {"activation": "gelu", "rho": 0.1}), (-1, {"activation": "gelu", "rho": 0})]. A seed enters when every term
+    has a row for it, that run did not diverge and its y is finite; other seeds some term has are dropped and counted
+    in `missing` (a term has no row; this wins when both apply) or `diverged`. Raises ValueError when a selector names
+    a column no row has, or matches several rows for one seed (naming the setup columns they differ in: add those)."""
     if not terms:
         raise ValueError("contrast: no terms")
     columns = set().union(*(r.keys() for r in rows))
@@ -2688,24 +2406,22 @@ def contrast(rows: list[dict], terms, *, y: str = "test_accuracy") -> Contrast:
 
 
 def first_seeds(c: Contrast, n: int) -> Contrast:
-    """c restricted to its n lowest-numbered seeds (all of them when n ≥ c.n), for the stability report
-    at n − 2 seeds; missing and diverged are c's, the seeds dropped before the restriction."""
+    """c restricted to its n lowest seeds (all when n ≥ c.n), for the stability report at n − 2 seeds; missing and
+    diverged stay c's, the seeds dropped before the restriction."""
     if n < 0:
         raise ValueError(f"first_seeds: n must be >= 0, got {n}")
     return _summarize({s: c.values[s] for s in sorted(c.values)[:n]}, c.missing, c.diverged)
 
 
 DIRECTIONS = (">0", "<0", "~0")
-
-
 EQUIVALENCE_BAND = 0.5  # accuracy points: a "~0" claim is reproduced when its interval lies within ±this
 
 
 def verdict(c: Contrast, direction: str) -> str:
-    """The verdict on a claim that the contrast is > 0, < 0 or ~0 (MATH.md §7): "reproduced",
-    "contradicted" or "inconclusive". ">0": reproduced when lo > 0, contradicted when hi < 0; "<0" mirrored; "~0":
-    reproduced when [lo, hi] lies within ±EQUIVALENCE_BAND, contradicted when it lies wholly
-    beyond the band on one side (lo > band or hi < −band). Inconclusive otherwise and when n < 2."""
+    """The verdict on a claim that the contrast is > 0, < 0 or ~0 (MATH.md §7): "reproduced", "contradicted" or
+    "inconclusive". ">0": reproduced when lo > 0, contradicted when hi < 0; "<0" mirrored; "~0": reproduced when
+    [lo, hi] lies within ±EQUIVALENCE_BAND, contradicted when wholly beyond it on one side (lo > band or hi < −band).
+    Inconclusive otherwise and when n < 2."""
     if direction not in DIRECTIONS:
         raise ValueError(f"verdict: direction must be one of {DIRECTIONS}, got {direction!r}")
     lo, hi, band = c.lo, c.hi, EQUIVALENCE_BAND
@@ -2722,11 +2438,10 @@ def verdict(c: Contrast, direction: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """One claim of the paper as a contrast (MATH.md §7): name, e.g. "Fig. 2"; label, the contrast in
-    words, e.g. "gain(gelu) − gain(relu)"; at, where it is evaluated, e.g. "rho=0.1"; terms, as in
-    contrast(); direction, the paper's sign of the contrast: ">0", "<0" or "~0"; seeds, the seeds it is
-    judged on (None: all; a claim whose settings were chosen on some seeds is judged on the others)."""
-
+    """One claim of the paper as a contrast (MATH.md §7): name, e.g. "Fig. 2"; label, the contrast in words, e.g.
+    "gain(gelu) − gain(relu)"; at, where it is evaluated, e.g. "rho=0.1"; terms, as in contrast(); direction, the
+    paper's sign of the contrast: ">0", "<0" or "~0"; seeds, the seeds it is judged on (None: all; a claim whose
+    settings were chosen on some seeds is judged on the others)."""
     name: str
     label: str
     at: str
@@ -2745,14 +2460,12 @@ VERDICT_COLUMNS = ("claim", "contrast", "at", "direction", "n", "mean", "lo", "h
 
 
 def judge(rows: list[dict], claims) -> list[dict]:
-    """One line per claim and per setup, a dict with keys VERDICT_COLUMNS: the claim's name, label, at
-    and direction; its contrast over rows (n, mean, lo, hi, missing, diverged); the same over its
-    n2 = max(n − 2, 0) lowest seeds (mean2, lo2, hi2; NaN when n2 < 2); and the verdict (MATH.md §7):
-    verdict() at n seeds when it equals verdict() at n2 seeds, else "inconclusive", because a verdict
-    that changes when two seeds are added is not one (so with n ≤ 3 seeds every claim is
-    inconclusive). Rows are paired on the seed and on every other identity field: where the rows
-    sweep a field that no term names (a copied script sweeping weight_decay, say), the claim is
-    judged once per value, its `at` naming it."""
+    """One line per claim and setup, a dict with keys VERDICT_COLUMNS: the claim's name, label, at and direction; its
+    contrast over rows (n, mean, lo, hi, missing, diverged); the same over its n2 = max(n − 2, 0) lowest seeds (mean2,
+    lo2, hi2; NaN when n2 < 2); and the verdict (MATH.md §7): verdict() at n seeds when it equals verdict() at n2
+    seeds, else "inconclusive", since a verdict that two more seeds change is not one (so with n ≤ 3 seeds every
+    claim is inconclusive). Rows are paired on the seed and every other identity field: where the rows sweep a field
+    no term names (a copied script sweeping weight_decay, say), the claim is judged once per value, named in `at`."""
     lines = []
     for claim in claims:
         named = sorted({k for _, selector in claim.terms for k in selector})
@@ -2782,8 +2495,7 @@ def judge(rows: list[dict], claims) -> list[dict]:
 
 
 def write_verdicts(path, lines: list[dict]) -> None:
-    """Writes judge()'s lines as a CSV with the columns VERDICT_COLUMNS, floats with 4 significant
-    digits ("nan" when undefined)."""
+    """Writes judge()'s lines as a CSV with columns VERDICT_COLUMNS, floats to 4 significant digits (or "nan")."""
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -2812,8 +2524,8 @@ def format_verdict(line: dict) -> str:
 
 
 def report_verdicts(rows: list[dict], claims, path) -> list[dict]:
-    """Judge the claims on the rows, print one line each and write them to `path` (CSV); claims whose
-    settings are not in the rows (a copied script that dropped them) are left out."""
+    """Judge the claims on the rows, print one line each and write them to `path` (CSV), leaving out claims whose
+    settings are not in the rows (a copied script that dropped them)."""
     lines = [line for line in judge(rows, claims) if line["n"] or line["diverged"]]
     for line in lines:
         print(format_verdict(line), flush=True)
@@ -2822,17 +2534,11 @@ def report_verdicts(rows: list[dict], claims, path) -> list[dict]:
 
 
 #### A figure script's main ######################################################################
-# A figure script is its experiment: a Config extending Flags (the sweep's values), a function that
-# lists the runs' TrainConfigs, a plot and its claims; `run_script` does the rest. Each run is
-# identified by its whole TrainConfig and seed, and its CSV row holds all of them, so a copied script
-# that sweeps any field resumes, plots and judges it as its own setup. Rows are appended whole and
-# fsynced as each run finishes; rerunning skips the rows already there. Plots are drawn from the
-# CSV alone.
-
-
+# A figure script is its experiment: a Config extending Flags (the sweep's values), a function listing the runs'
+# TrainConfigs, a plot and its claims; `run_script` does the rest. A run's CSV row holds its whole identity
+# (TrainConfig and seed), so a copied script sweeping any field resumes, plots and judges it as its own setup.
 def require_accelerator(flags) -> None:
-    """A paper setup (cifar10, imagenet) where JAX sees only the CPU is a ConfigError: weeks of training,
-    unless --allow-cpu (or --smoke, --plot-only)."""
+    """A ConfigError on a paper setup where JAX sees only the CPU (weeks), unless --allow-cpu, --smoke, --plot-only."""
     if (flags.dataset in PAPER_SETUPS and jax.default_backend() == "cpu"
             and not (flags.allow_cpu or flags.smoke or flags.plot_only)):
         raise ConfigError(f"--dataset {flags.dataset}: JAX sees only the CPU here, and the paper setup would take "
@@ -2842,11 +2548,11 @@ def require_accelerator(flags) -> None:
 
 def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc: str, argv=None, *,
                claims: Callable | None = None, runner: Callable | None = None) -> None:
-    """A figure script's main: flags -> runs -> CSV -> plot -> verdicts. `make_runs(cfg, base)` lists
-    the TrainConfigs of one seed; `plot(rows, png_path)` draws the CSV's rows; `claims(cfg, rows)` lists
-    the paper's claims as Claims (`rows`, the CSV's, for claims whose settings the data choose), judged
-    on the rows into <name>.verdict.csv. `runner(flags, base, out)` gives the function that trains one
-    (TrainConfig, seed, RunOptions) into its row (default `train_row`; probe_nme.py's adds the probe)."""
+    """A figure script's main: flags -> runs -> CSV -> plot -> verdicts. `make_runs(cfg, base)` lists the
+    TrainConfigs of one seed; `plot(rows, png_path, verdicts)` draws the CSV's rows; `claims(cfg, rows)` lists the
+    paper's claims as Claims (`rows`, the CSV's, for claims whose settings the data choose), judged into
+    <name>.verdict.csv. `runner(flags, base, out)` gives the function that trains one (TrainConfig, seed, RunOptions)
+    into its row (default `train_row`; probe_nme.py's adds the probe)."""
     flags = parse_config(config_cls, argv, doc)
     base, opts = resolve(flags)
     name = Path(script).stem

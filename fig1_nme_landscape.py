@@ -24,7 +24,7 @@ nme_all; one block of grid points per activation, appended as it finishes; rerun
 activations already there, and a grid of another setup is refused), .png (one row per activation:
 loss, ‖NME‖ of the (w1, w2) block, ‖NME‖_F over all parameters) and .config.json. <out> defaults
 to runs/fig1_nme_landscape/; the committed results are in results/ (--out results), and what they
-show in README, "Results at CPU scale", Fig. 1.
+show in results/README.md, Fig. 1.
 """
 
 import dataclasses

@@ -5,12 +5,12 @@ reach the same accuracy (76.8% on ImageNet); with it, GELU improves up to ρ = 0
 degrades. The penalty's gradient is g + ρ H g/‖g‖, and the part of H that differs between the two
 is the NME: ReLU's second derivative is zero.
 
-    uv run fig2_gp_relu_gelu.py                 # Fashion-MNIST, CPU regime (README), 8 seeds: 5 min
+    uv run fig2_gp_relu_gelu.py                 # the MLP regime on Fashion-MNIST, 16 seeds: RUNTIME_fig2_gp_relu_gelu
     uv run fig2_gp_relu_gelu.py --dataset imagenet --data-dir /data/imagenet   # paper setup, 5 seeds
     uv run fig2_gp_relu_gelu.py --plot-only     # redraw the PNG and verdicts from the CSV
 
-Writes <out>/fig2_gp_relu_gelu.{csv,png,verdict.csv,config.json}: README, "Outputs".
-Its results in the CPU regime (`--out results`) and their verdicts: README, "Results at CPU scale".
+Writes <out>/fig2_gp_relu_gelu.{csv,png,verdict.csv,config.json} (docs/running.md); the committed results
+(`--out results`) and their reading: results/README.md.
 """
 
 import dataclasses

@@ -5,12 +5,12 @@ derivative β φ(βx)(2 − β²x²) keeps unit integral but concentrates within
 is ReLU's delta function), so the NME becomes sparse and spiky: a high-variance signal for the
 penalty's H g, while SGD never sees it.
 
-    uv run fig3_beta_gelu.py                    # Fashion-MNIST, CPU regime (README), 8 seeds: 4 min
+    uv run fig3_beta_gelu.py                    # the MLP regime on Fashion-MNIST, 16 seeds: RUNTIME_fig3_beta_gelu
     uv run fig3_beta_gelu.py --dataset cifar10  # paper setup: WRN-28-10, 200 epochs, 5 seeds
     uv run fig3_beta_gelu.py --plot-only        # redraw the PNG and verdicts from the CSV
 
-Writes <out>/fig3_beta_gelu.{csv,png,verdict.csv,config.json}: README, "Outputs".
-Its results in the CPU regime (`--out results`) and their verdicts: README, "Results at CPU scale".
+Writes <out>/fig3_beta_gelu.{csv,png,verdict.csv,config.json} (docs/running.md); the committed results
+(`--out results`) and their reading: results/README.md.
 """
 
 import dataclasses

@@ -6,12 +6,12 @@ insensitive to the activation, while PSAM with ReLU falls well below SAM at larg
 GELU follows SAM: the finite step recovers the curvature information that ReLU's zero second
 derivative hides from the exact Hessian product.
 
-    uv run fig6_sam_vs_psam.py                  # Fashion-MNIST, CPU regime (README), 8 seeds: 6 min
+    uv run fig6_sam_vs_psam.py                  # the MLP regime on Fashion-MNIST, 16 seeds: RUNTIME_fig6_sam_vs_psam
     uv run fig6_sam_vs_psam.py --dataset imagenet --data-dir /data/imagenet    # paper setup, 2 seeds
     uv run fig6_sam_vs_psam.py --plot-only      # redraw the PNG and verdicts from the CSV
 
-Writes <out>/fig6_sam_vs_psam.{csv,png,verdict.csv,config.json}: README, "Outputs".
-Its results in the CPU regime (`--out results`) and their verdicts: README, "Results at CPU scale".
+Writes <out>/fig6_sam_vs_psam.{csv,png,verdict.csv,config.json} (docs/running.md); the committed results
+(`--out results`) and their reading: results/README.md.
 """
 
 import dataclasses

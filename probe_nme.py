@@ -7,7 +7,7 @@ per run on a fixed batch of 512 training images, measures the φ″ share ‖Hĝ
 share ‖NMEĝ‖/‖Hĝ‖, the RMS logit gradient ‖softmax(z) − onehot(y)‖ (the NME's scale), tr(GN),
 tr(NME), λ_max(H) and the fraction of pre-activations within 1/β of 0 (the support of φ″).
 
-    uv run probe_nme.py                        # Fashion-MNIST, CPU regime (README), 2 seeds: 4 min
+    uv run probe_nme.py                        # the MLP regime on Fashion-MNIST, 2 seeds
     uv run probe_nme.py --activations relu gelu --label-noise 0 --out results/regimes/a_default   # a regime candidate
     uv run probe_nme.py --plot-only            # redraw the PNG and print the summary from the CSVs
 
@@ -19,7 +19,7 @@ runs/probe_nme/<dataset>-<model>/ unless --out says.
 With --spectra: the spectra of H, GN and NME = H − GN (MATH.md §8) at three points of training (5%,
 50% and 100% of its steps) for relu and gelu under sgd and gp_p1 at ρ = 0.3, on the same probe batch:
 
-    uv run probe_nme.py --spectra              # CPU regime, 2 seeds: 8 runs, 11 min on 2 loaded cores
+    uv run probe_nme.py --spectra              # the MLP regime, 2 seeds: 8 runs
     uv run probe_nme.py --spectra --plot-only  # redraw the PNG and the eigenvalue CSV from the nodes CSV
 
 Writes <out>/probe_nme_spectra.csv (a row per run: configuration and results), .nodes.csv (tidy: a row
@@ -29,8 +29,8 @@ operator: the 3 largest and 3 most negative Ritz values of start 0, the masses b
 ε = 0.01 λ_max(GN) of the same run and step, and the SLQ trace estimate), .png (log-density per
 operator and run setting at each point, seeds pooled; symmetric axis for the NME) and .config.json.
 
-Measured numbers (the probe's means over training, and what the spectra show) are in README.md,
-"The mechanism: the curvature probe"; `--plot-only` prints them again.
+Measured numbers (the probe's means over training, and the spectra) are in results/README.md;
+`--plot-only` prints them again.
 """
 
 import dataclasses

@@ -18,6 +18,9 @@ import logging
 import math
 import multiprocessing
 import os
+import select
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,9 +32,10 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from PIL import Image
 
-from common import (METRICS, Activation, ConfigError, ImageFolder, NetSpec, Run, _file_digest, _global, _Parser,
-                    _write_rows, append_rows, apply, cross_entropy, eval_resize, gnvp, hvp, normalize, read_rows,
-                    row_key, run_cli, skeleton, train, tree_dot, tree_norm, twin, with_act)
+from common import (DIST_TIMEOUTS, METRICS, Activation, ConfigError, ImageFolder, NetSpec, Run, _broadcast,
+                    _file_digest, _global, _imagenet_eval, _Parser, _write_rows, append_rows, apply, contrast, cross_entropy,
+                    eval_resize, gnvp, hvp, normalize, read_rows, row_key, run_cli, skeleton, stop_job, train,
+                    tree_dot, tree_norm, twin, with_act)
 
 PyTree = Any
 
@@ -297,6 +301,16 @@ def spectra_step(net: NetSpec, mean, std, params, bn_state, beta, x, y, key, *, 
 PROBE_BATCH = 512
 
 
+def probe_batch(data, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The probe's fixed batch: the first n training images and labels (noisy labels included); of an
+    ImageFolder, its first n readable training images, centre-cropped as for evaluation."""
+    if not isinstance(data, ImageFolder):
+        return data.x_train[:n], data.y_train[:n]
+    got = [r for r in (_imagenet_eval(data.sources["train"][i], data.image_size)
+                       for i in range(min(2 * n, data.n_train))) if r]
+    return np.stack([x for x, _ in got[:n]]), np.array([y for _, y in got[:n]], np.int32)
+
+
 def _rows_upto(path, run: Run) -> list[dict]:
     """This run's rows of a per-step CSV up to the step it starts from; its rows past it (a run
     restarted without its checkpoint) are dropped from the file (process 0 writes)."""
@@ -319,7 +333,7 @@ class Prober:
         n = jax.device_count()
         size = min(-(-PROBE_BATCH // n) * n, data.n_train // n * n)
         i, share = jax.process_index(), size // jax.process_count()  # this process's rows of the batch
-        self.x, self.y = _global(run.mesh, *(a[i * share:(i + 1) * share] for a in data.probe_batch(size)))
+        self.x, self.y = _global(run.mesh, *(a[i * share:(i + 1) * share] for a in probe_batch(data, size)))
         self.net, self.spec, self.path, self.last = run.spec.net, data.spec, path, {}
         self.key = jax.random.fold_in(jax.random.key(run.seed), 1 << 30)  # apart from the step keys
         if path is None:
@@ -368,10 +382,104 @@ class SpectraProber(Prober):
                                     for i in range(nodes.shape[0]) for j in range(nodes.shape[1])])
 
 
+#### The peer watchdog of a multi-process job ######################################################
+
+
+# A peer silent for PEER_TIMEOUT_S is dead: long enough for a loaded host's stalls (the beat is a thread, so tracing
+# and compiling do not stop it).
+PEER_TIMEOUT_S = 60.0
+PEER_BEAT_S = 2.0
+_DONE = b"d"  # a finished process's last byte: its peers stop watching it
+
+
+class Watchdog:
+    """Ends this process with one line on stderr (exit 1) when another process of the job dies or stops answering,
+    instead of leaving it blocked in a collective (a host gone without closing its connections, or a collective that
+    blocks instead of failing: NCCL may). Process 0 keeps a TCP connection to every other process, its address
+    broadcast at start; each side writes a byte every PEER_BEAT_S, and end of stream, a socket error or PEER_TIMEOUT_S
+    of silence (by this process's clock) is a dead peer. A finished process writes _DONE and is no longer watched."""
+    def __init__(self, me: int, n: int):
+        self.me, self.n = me, n
+        if me == 0:
+            server = socket.create_server(("", 0))
+            address = f"{socket.gethostname()}:{server.getsockname()[1]}"
+        else:
+            address = ""
+        address = _broadcast(np.frombuffer(address.encode().ljust(256), np.uint8)).tobytes().decode().strip()
+        try:
+            if me == 0:
+                server.settimeout(DIST_TIMEOUTS["initialization_timeout"])
+                self.peers = {}
+                for _ in range(n - 1):
+                    conn, _ = server.accept()
+                    self.peers[conn] = int.from_bytes(conn.recv(4), "big")
+                server.close()
+            else:
+                host, port = address.rsplit(":", 1)
+                conn = socket.create_connection((host, int(port)), timeout=DIST_TIMEOUTS["initialization_timeout"])
+                conn.sendall(me.to_bytes(4, "big"))
+                self.peers = {conn: 0}
+        except OSError as e:
+            stop_job(f"the peer watchdog could not connect the processes through {address} ({e})")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="peer-watchdog", daemon=True)
+        self.thread.start()
+
+    def _dead(self, p: int, why: str):
+        stop_job(f"JAX process {p} of {self.n} stopped ({why})" if p else f"lost the JAX coordinator (process 0: {why})")
+
+    def _loop(self):
+        heard = {c: time.monotonic() for c in self.peers}
+        while not self.stop.wait(PEER_BEAT_S):
+            for c, p in list(self.peers.items()):
+                try:
+                    got = b""
+                    while select.select([c], [], [], 0)[0] and _DONE not in got:
+                        got += c.recv(64) or b"!"  # "!": end of stream
+                        heard[c] = time.monotonic()
+                    if _DONE in got:  # answer in kind and fall silent, so that it closes with nothing unread
+                        c.sendall(_DONE)
+                        del self.peers[c]
+                        continue
+                    if got.endswith(b"!"):
+                        raise OSError("its connection closed")
+                    c.sendall(b".")
+                except OSError as e:
+                    if not self.stop.is_set():
+                        self._dead(p, e.strerror or str(e))
+                    return
+                if time.monotonic() - heard[c] > PEER_TIMEOUT_S:
+                    self._dead(p, f"no sign of life for {time.monotonic() - heard[c]:.0f} s")
+
+    def done(self):
+        """This process finished. Process 0, whose exit ends the coordination service, waits (watching, up to the
+        shutdown timeout) until every other process has left JAX: jax.distributed.shutdown, then _DONE. Each other
+        process does so and reads until process 0 answers (a socket closed with unread bytes would reset the
+        connection instead of ending it)."""
+        if self.me == 0:
+            end = time.monotonic() + DIST_TIMEOUTS["shutdown_timeout_seconds"]
+            while self.peers and self.thread.is_alive() and time.monotonic() < end:
+                time.sleep(0.1)
+            self.stop.set()
+            return
+        jax.distributed.shutdown()
+        self.stop.set()
+        self.thread.join()
+        for c in self.peers:
+            try:
+                c.sendall(_DONE)
+                c.settimeout(4 * PEER_BEAT_S)
+                while (got := c.recv(64)) and _DONE not in got:
+                    pass
+                c.close()
+            except OSError:  # process 0 has gone as well
+                pass
+
+
 #### Re-encoding ImageNet #########################################################################
 
 
-# README "Re-encoding ImageNet": train at the largest side that decodes at >= 2x the originals' rate per
+# docs/running.md, "Re-encoding ImageNet": train at the largest side that decodes at >= 2x the originals' rate per
 # core (what the 224 crop still sees against images/s); val at the evaluation's own first resize, 256.
 REENCODE_SIDE = 224
 REENCODE_VAL_SIDE = eval_resize(224)  # 256
@@ -444,7 +552,7 @@ def reencode(src, dst, side: int = REENCODE_SIDE, workers: int | None = None, qu
     "skipped"}.
 
     Point --data-dir at dst: the train random-resized crop and the eval resize run unchanged, on files
-    that decode several times faster (README "Re-encoding ImageNet")."""
+    that decode several times faster (docs/running.md, "Re-encoding ImageNet")."""
     src, dst = Path(src), Path(dst)
     for d in (src / "train", src / "val"):
         if not d.is_dir():
@@ -509,11 +617,408 @@ def reencode(src, dst, side: int = REENCODE_SIDE, workers: int | None = None, qu
     return {"files": files, "done": len(tasks), "skipped": files - len(tasks)}
 
 
+#### The results report ############################################################################
+# results/README.md, and the claims table of README.md between its two CLAIMS_MARK lines, generated from
+# the committed CSVs alone (`uv run tools.py report`); tests/test_report.py fails when either is stale.
+
+ROOT = Path(__file__).resolve().parent
+CLAIMS_MARK = "<!-- claims: generated by `uv run tools.py report` -->"
+FIGURES = ("fig2_gp_relu_gelu", "fig3_beta_gelu", "fig4_aug_dim", "fig5_weight_noise", "fig6_sam_vs_psam")
+# Where each regime's and environment's results are (folders under results/).
+REGIMES = {"": "MLP regime (mlp256)", "cnn": "conv regime (cnn8f14)"}
+ENVIRONMENTS = {"": "native", "py312": "Python 3.12", "avx2": "AVX2"}
+# The summary's rows: what the paper claims (or the ablation asks), and where each regime judges it:
+# {regime folder: (script, contrast label)}.
+SUMMARY = [
+    ("GELU gains more from the gradient penalty than ReLU (Fig. 2)",
+     {"": ("fig2_gp_relu_gelu", "gain(gelu) − gain(relu)"), "cnn": ("nme_ablation", "gain(gp_p1, gelu) − gain(gp_p1, relu)")}),
+    ("The penalty's gain over SGD falls as β-GELU's φ″ sharpens (Fig. 3)", {"": ("fig3_beta_gelu", None)}),
+    ("Augmented ReLU rescues the penalty (Fig. 4)",
+     {r: ("fig4_aug_dim", "gain(relu_aug) − gain(relu)") for r in REGIMES}),
+    ("Diminished GELU breaks it (Fig. 4)", {r: ("fig4_aug_dim", "gain(gelu_dim) − gain(gelu)") for r in REGIMES}),
+    ("The GN-trace penalty beats weight noise (Fig. 5)", {"": ("fig5_weight_noise", "a(gn_trace) − a(weight_noise)")}),
+    ("... and the Hessian-trace penalty (Fig. 5)", {"": ("fig5_weight_noise", "a(gn_trace) − a(hessian_trace)")}),
+    ("PSAM is sensitive to the activation (Fig. 6)", {"": ("fig6_sam_vs_psam", "[sam − psam]_relu − [sam − psam]_gelu")}),
+    ("SAM is not (Fig. 6)", {"": ("fig6_sam_vs_psam", "a(sam, relu) − a(sam, gelu)")}),
+    ("gp's gain needs the NME in its update (gp − gp_gn, GELU)",
+     {r: ("nme_ablation", "gain(gp_p1, gelu) − gain(gp_gn_p1, gelu)") for r in REGIMES}),
+    ("... more for GELU than for ReLU",
+     {r: ("nme_ablation", "[gain(gp_p1) − gain(gp_gn_p1)]_gelu − [...]_relu") for r in REGIMES}),
+    ("Without the NME the activations gain alike (gp_gn, ≈ 0)",
+     {r: ("nme_ablation", "gain(gp_gn_p1, gelu) − gain(gp_gn_p1, relu)") for r in REGIMES}),
+    ("The NME alone beats GN alone (gp_nme − gp_gn)", {r: ("nme_ablation", "gain(gp_nme_p1, ") for r in REGIMES}),
+    ("GELU's edge lives in the NME part (gp_nme)",
+     {r: ("nme_ablation", "gain(gp_nme_p1, gelu) − gain(gp_nme_p1, relu)") for r in REGIMES}),
+    ("At each rule's best ρ: gp beats gp_gn", {r: ("nme_ablation", "best gain(gp_p1, ") for r in REGIMES}),
+    ("At each rule's best ρ: gp_nme beats gp_gn", {r: ("nme_ablation", "best gain(gp_nme_p1, ") for r in REGIMES}),
+]
+
+
+def _csv(path) -> list[dict]:
+    return read_rows(path) if Path(path).exists() else []
+
+
+def _signed(v) -> str:
+    return "nan" if not math.isfinite(float(v)) else f"{float(v):+.2f}".replace("-", "−")
+
+
+def _interval(line: dict) -> str:
+    return f"{_signed(line['mean'])} [{_signed(line['lo'])}, {_signed(line['hi'])}]"
+
+
+def _where(line: dict) -> str:
+    """A verdict line's `at`, short: "ρ 0.3", "σ² 0.001 relu", "β 8", or the activation of a best-ρ claim."""
+    if line["at"].startswith("best rho"):
+        return line["contrast"].split(", ")[1].split(")")[0]
+    parts = [p.split("=", 1) for p in line["at"].split(", ") if "=" in p]
+    names = {"rho": "ρ", "sigma2": "σ²", "beta": "β", "activation": ""}
+    return " ".join(f"{names.get(k, k + ' ')}{' ' if names.get(k) else ''}{v}".strip() for k, v in parts) or "slope"
+
+
+def _lines(folder: str, script: str, label: str | None) -> list[dict]:
+    """The verdict lines of results/<folder>/<script>.verdict.csv whose contrast starts with `label`."""
+    return [v for v in _csv(ROOT / "results" / folder / f"{script}.verdict.csv")
+            if label is None or v["contrast"].startswith(label)]
+
+
+def _cell(lines: list[dict], turns=frozenset()) -> str:
+    """Lines of one claim, grouped by verdict: "**reproduced** at ρ 0.3, 1; inconclusive at ρ 0.1†", a †
+    where the verdict differs between the environments (`turns`: (contrast, at) pairs)."""
+    if not lines:
+        return "not run"
+    by: dict = {}
+    for v in lines:
+        by.setdefault(v["verdict"], []).append(_where(v) + "†" * ((v["contrast"], v["at"]) in turns))
+    cells = []
+    for k in ("reproduced", "contradicted", "inconclusive"):
+        if k in by:  # a symbol repeated from the previous place is dropped: "ρ 0.3, 1"
+            places = [p if i == 0 or p.split()[0] != by[k][i - 1].split()[0] or len(p.split()) == 1
+                      else p.split(" ", 1)[1] for i, p in enumerate(by[k])]
+            cells.append(f"{'**' + k + '**' if k != 'inconclusive' else k} at {', '.join(places)}")
+    return "; ".join(cells)
+
+
+def _sensitive(script: str) -> set:
+    """(contrast, at) of the claims of `script` whose verdict differs between the environments."""
+    verdicts: dict = {}
+    for env in ENVIRONMENTS:
+        for v in _csv(ROOT / "results" / env / f"{script}.verdict.csv"):
+            verdicts.setdefault((v["contrast"], v["at"]), set()).add(v["verdict"])
+    return {k for k, vs in verdicts.items() if len(vs) > 1}
+
+
+def claims_table() -> str:
+    """README's table: each claim's verdicts in both regimes (16 seeds, native environment), a † where a
+    verdict turns with the environment (results/README.md, "Three environments")."""
+    out = ["| claim | " + " | ".join(REGIMES.values()) + " |", "|---|" + "---|" * len(REGIMES)]
+    for name, where in SUMMARY:
+        cells = []
+        for regime in REGIMES:
+            if regime not in where:
+                cells.append("not run")
+                continue
+            script, label = where[regime]
+            turns = _sensitive(script) if regime == "" and script in FIGURES else set()
+            cells.append(_cell(_lines(regime, script, label), turns))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _verdict_table(lines: list[dict], columns: dict[str, list[dict]] | None = None) -> list[str]:
+    """Markdown rows: contrast, at, predicted direction, mean [95% interval], n, the same at n − 2, verdict;
+    with `columns` ({label: lines of another environment}), one "mean [interval] verdict" cell each."""
+    head = "| contrast | at | predicted | mean, pt [95% interval] | n | at n − 2 | verdict |"
+    out = [head + "".join(f" {c} |" for c in columns or {}), "|---" * (7 + len(columns or {})) + "|"]
+    for v in lines:
+        key = (v["contrast"], v["at"])
+        extra = ""
+        for other in (columns or {}).values():
+            o = next((w for w in other if (w["contrast"], w["at"]) == key), None)
+            extra += f" {_interval(o)} {o['verdict']} |" if o else " not run |"
+        early = "–" if not math.isfinite(float(v["mean2"])) else _interval(
+            {"mean": v["mean2"], "lo": v["lo2"], "hi": v["hi2"]})
+        verdict = f"**{v['verdict']}**" if v["verdict"] != "inconclusive" else v["verdict"]
+        out.append(f"| {v['contrast']} | {v['at']} | {v['direction'].replace('~0', '≈ 0')} | {_interval(v)} | "
+                   f"{v['n']} | {early} | {verdict} |" + extra)
+    return out
+
+
+def _means(rows: list[dict], row_of, col_of) -> list[str]:
+    """Mean test accuracy (%) of each (row, column) cell over seeds, finished runs only."""
+    cells: dict = {}
+    for r in rows:
+        if r["diverged"] != "True" and math.isfinite(float(r["test_accuracy"])):
+            cells.setdefault((row_of(r), col_of(r)), []).append(100 * float(r["test_accuracy"]))
+    rs = list(dict.fromkeys(row_of(r) for r in rows))
+    cs = sorted({col_of(r) for r in rows}, key=lambda c: (isinstance(c, str), c))
+    out = ["| | " + " | ".join(f"{c:g}" if isinstance(c, float) else str(c) for c in cs) + " |",
+           "|---" * (len(cs) + 1) + "|"]
+    for r in rs:
+        out.append(f"| {r} | " + " | ".join(f"{np.mean(cells[r, c]):.2f}" if (r, c) in cells else "–" for c in cs)
+                   + " |")
+    return out
+
+
+def _same(a: list[dict], b: list[dict]) -> tuple[int, int, float, float]:
+    """Runs in both CSVs (matched by identity): (runs, identical test accuracies, 90th percentile and
+    largest |difference| in points)."""
+    theirs = {row_key(r): r["test_accuracy"] for r in b}
+    pairs = [(r["test_accuracy"], theirs[row_key(r)]) for r in a if row_key(r) in theirs]
+    d = np.array([abs(float(x) - float(y)) * 100 for x, y in pairs]) if pairs else np.zeros(1)
+    return len(pairs), sum(x == y for x, y in pairs), float(np.nanpercentile(d, 90)), float(np.nanmax(d))
+
+
+def _regime_rows(folder: str) -> list[str]:
+    """The regime candidates of results/regimes/<folder>/<name>/: train and test accuracy at ρ = 0, the
+    paired gain of gp_p1 per activation at each ρ > 0, the probe's NME and φ″ shares of GELU under sgd
+    (means over training) where a probe ran, and the seconds per run."""
+    out = []
+    for d in sorted(p for p in (ROOT / "results" / "regimes" / folder).iterdir() if p.is_dir()):
+        csvs = list(d.glob("*.csv"))
+        rows = [r for p in csvs if not p.name.endswith((".curves.csv", ".verdict.csv")) for r in _csv(p)]
+        if not rows:
+            continue
+        base = [r for r in rows if float(r["rho"]) == 0 and r["method"] in ("sgd", "gp_p1")]
+        acc = lambda k: 100 * np.mean([float(r[k]) for r in base])  # noqa: E731
+        gains = []
+        for rho in sorted({float(r["rho"]) for r in rows} - {0.0}):
+            for act in ("relu", "gelu"):
+                m = "gp_p1"
+                terms = [(+1, {"method": m, "activation": act, "rho": rho}),
+                         (-1, {"method": "sgd" if any(r["method"] == "sgd" for r in rows) else m, "activation": act,
+                               "rho": 0.0})]
+                c = contrast([r for r in rows if r["beta"] in ("1.0", "1")], terms)
+                gains.append(f"{act} ρ {rho:g}: {_signed(c.mean)}")
+        curves = _csv(d / "probe_nme.curves.csv")
+        gelu = [c for c in curves if c["activation"] == "gelu" and c["method"] == "sgd"]
+        probe = (f"{np.mean([float(c['nme_share']) for c in gelu]):.3f}, "
+                 f"{np.mean([float(c['phi2_share']) for c in gelu]):.3f}, "
+                 f"{np.mean([float(c['nme_share']) > 0.05 for c in gelu]):.0%}") if gelu else "–"
+        r0 = rows[0]
+        setup = f"{r0['model']}, {r0['train_subset']} images, {float(r0['epochs']):g} epochs, noise {r0['label_noise']}"
+        out.append(f"| {d.name} | {setup} | {acc('train_accuracy'):.1f} / {acc('test_accuracy'):.1f} | "
+                   f"{'; '.join(gains)} | {probe} | {np.median([float(r['wall_s']) for r in rows]):.0f} | "
+                   f"{len({r['seed'] for r in rows})} |")
+    return ["| candidate | setup | ρ = 0: train / test acc, % | gain of gp_p1 over ρ = 0, pt (seed-paired mean) | "
+            "GELU under sgd, over training: NME share, φ″ share, probes with NME share > 5% | s per run (median) | "
+            "seeds |", "|---|---|---|---|---|---|---|"] + out
+
+
+def _gains(rows: list[dict], methods) -> list[str]:
+    """gain(method, act, ρ) = a(method, act, ρ) − a(sgd, act), mean and 95% interval over seeds, per
+    activation and ρ > 0."""
+    out = ["| activation | ρ | " + " | ".join(f"gain({m})" for m in methods) + " |", "|---" * (2 + len(methods)) + "|"]
+    for act in dict.fromkeys(r["activation"] for r in rows):
+        for rho in sorted({float(r["rho"]) for r in rows} - {0.0}):
+            cells = []
+            for m in methods:
+                c = contrast(rows, [(+1, {"method": m, "activation": act, "rho": rho}),
+                                    (-1, {"method": "sgd", "activation": act, "rho": 0.0})])
+                cells.append(_interval(dict(mean=c.mean, lo=c.lo, hi=c.hi)) + (f" ({c.diverged} diverged)"
+                                                                                if c.diverged else ""))
+            out.append(f"| {act} | {rho:g} | " + " | ".join(cells) + " |")
+    return out
+
+
+def results_readme() -> str:
+    """results/README.md, from the CSVs under results/ alone."""
+    res = ROOT / "results"
+    out = ["# Results", "",
+           "Generated from the CSVs of this folder by `uv run tools.py report`, which also writes README.md's claims "
+           "table; `tests/test_report.py` fails when either is stale. Accuracies are on the clean Fashion-MNIST test "
+           "set; both CPU regimes train 1,024 images of which 30% carry a wrong label (MATH.md §4-§5), a departure "
+           "from the paper's clean setups that every result here shares. A claim is a seed-paired contrast in "
+           "accuracy points with its 95% t-interval and n, and a verdict that must survive dropping two seeds "
+           "(MATH.md §7).", "", "## Provenance", "",
+           "| results | commit | environment | command |", "|---|---|---|---|"]
+    out += [f"| `{p['folder']}` | {p['commit']} | {p['environment']} | `{p['command']}` |"
+            for p in _csv(res / "provenance.csv")]
+    out += ["", "## The claims, per figure, in three environments", "",
+            "The MLP regime at 16 seeds on this machine (native: AVX-512, Python 3.11, jax 0.10.2), rerun under "
+            "Python 3.12 with jax 0.12.0.1 and under `XLA_FLAGS=--xla_cpu_max_isa=AVX2` (another CPU's float32 "
+            "rounding). † marks a claim whose verdict differs between the environments."]
+    for script in FIGURES:
+        lines = _lines("", script, None)
+        if not lines:
+            continue
+        turns = _sensitive(script)
+        for v in lines:
+            v["contrast"] += " †" * ((v["contrast"], v["at"]) in turns)
+        others = {ENVIRONMENTS[e]: [v | {"contrast": v["contrast"] + " †" * ((v["contrast"], v["at"]) in turns)}
+                                    for v in _lines(e, script, None)] for e in ENVIRONMENTS if e}
+        out += ["", f"### {script}", ""] + _verdict_table(lines, others)
+        rows = _csv(res / f"{script}.csv")
+        x = {"fig3_beta_gelu": "beta", "fig5_weight_noise": "sigma2"}.get(script, "rho")
+        label = (lambda r: f"{r['activation']} {r['method']}") if script in ("fig5_weight_noise", "fig6_sam_vs_psam") \
+            else (lambda r: r["method"]) if script == "fig3_beta_gelu" else (lambda r: r["activation"])
+        out += ["", f"Mean test accuracy, %, over {len({r['seed'] for r in rows})} seeds, against {x}:", ""]
+        out += _means(rows, label, lambda r: float(r[x]))
+    out += ["", "### How far the environments' runs differ", "",
+            "| script | runs | identical test accuracy: Python 3.12 | AVX2 | 90th percentile / largest difference, pt: "
+            "Python 3.12 | AVX2 |", "|---|---|---|---|---|---|"]
+    for script in FIGURES:
+        native = _csv(res / f"{script}.csv")
+        got = [_same(native, _csv(res / e / f"{script}.csv")) for e in ENVIRONMENTS if e]
+        out.append(f"| {script} | {got[0][0]} | {got[0][1]} | {got[1][1]} | {got[0][2]:.2f} / {got[0][3]:.2f} | "
+                   f"{got[1][2]:.2f} / {got[1][3]:.2f} |")
+    out += ["", "## The NME ablation in both regimes", "",
+            "`nme_ablation.py` (MATH.md §3, §9): gp_p1 steps along g + ρ Hĝ, gp_gn_p1 along g + ρ GNĝ (the NME "
+            "taken out), gp_nme_p1 along g + ρ NMEĝ (the NME alone); every gain is against the sgd run of the same "
+            "activation and seed. The claims were stated in the script before its runs."]
+    for regime, name in REGIMES.items():
+        rows = _csv(res / regime / "nme_ablation.csv")
+        if not rows:
+            continue
+        out += ["", f"### {name}", "", "Gains over sgd, pt, mean [95% interval] over "
+                f"{len({r['seed'] for r in rows})} seeds:", ""]
+        out += _gains(rows, ("gp_p1", "gp_gn_p1", "gp_nme_p1")) + [""] + _verdict_table(_lines(regime, "nme_ablation", None))
+        fig4 = _lines(regime, "fig4_aug_dim", None) if regime else []
+        if fig4:
+            out += ["", "Fig. 4's contrasts in this regime (`fig4_aug_dim.py --dataset fashion_mnist_cnn --rhos 0 0.3`):",
+                    ""] + _verdict_table(fig4)
+    out += ["", "## The regimes and their candidates", "",
+            "Chosen by measurement (MATH.md §5): the ρ = 0 baseline over-fits, the probe shows the NME alive late "
+            "in training, and gp's gain over sgd is decided at 8 seeds. Candidates of the MLP regime "
+            "(`results/regimes/`, `probe_nme.py`, gp_p1 at ρ = 0.1), the chosen one b:", ""] + _regime_rows("")
+    if (res / "regimes" / "cnn").exists():
+        out += ["", "Candidates of the conv regime (`results/regimes/cnn/`; `fig2_gp_relu_gelu.py --dataset "
+                "fashion_mnist_cnn --model M --rhos 0 0.1 0.3 --seeds 2`, and the probe of the chosen cnn8f14 in "
+                "`probe/`):", ""] + _regime_rows("cnn")
+    out += ["", "## The probe", ""] + _probe_table(res / "probe_nme.csv", res / "probe_nme.curves.csv")
+    out += ["", "## The spectra", ""] + _spectra_table(res / "probe_nme_spectra.eigs.csv")
+    out += ["", "## Speed", ""] + _speed(res)
+    return "\n".join(out) + "\n"
+
+
+def _probe_table(runs_path, curves_path) -> list[str]:
+    """Per method and activation, means over the probes of training and over seeds (MATH.md §6)."""
+    curves, runs = _csv(curves_path), _csv(runs_path)
+    if not curves:
+        return ["Not run."]
+    label = lambda r: (r["method"] + (f" ρ = {float(r['rho']):g}" if float(r["rho"]) else ""),  # noqa: E731
+                       r["activation"] + (f" β = {float(r['beta']):g}" if r["activation"] == "beta_gelu" else ""))
+    cells: dict = {}
+    for c in curves:
+        support = np.mean([float(v) for k, v in c.items() if k.startswith("support_") and v])
+        cells.setdefault(label(c), []).append((float(c["phi2_share"]), float(c["nme_share"]),
+                                               float(c["logit_grad_rms"]), support))
+    acc = {k: np.mean([float(r["test_accuracy"]) for r in runs if label(r) == k]) for k in cells}
+    out = [f"`probe_nme.py`: {len({c['seed'] for c in curves})} seeds, the probe "
+           f"{len({c['step'] for c in curves})} times per run on a fixed batch of training images; means over the "
+           "probes of training:", "",
+           "| method | activation | φ″ share ‖(H − H_twin)ĝ‖/‖Hĝ‖ | NME share ‖NMEĝ‖/‖Hĝ‖ | RMS ‖softmax(z) − onehot(y)‖ "
+           "| support of φ″ (share of \\|x\\| < 1/β) | test acc |", "|---|---|---|---|---|---|---|"]
+    for (m, a), v in sorted(cells.items(), key=lambda kv: (kv[0][0] != "sgd", kv[0])):
+        phi, nme, rms, sup = np.mean(v, axis=0)
+        out.append(f"| {m} | {a} | {'0 (exactly)' if phi == 0 else f'{phi:.3f}'} | {nme:.3f} | {rms:.2f} | "
+                   f"{sup:.3f} | {acc[m, a]:.3f} |")
+    return out
+
+
+def _spectra_table(path) -> list[str]:
+    """Extreme eigenvalues and masses of the NME relative to λ_max(GN), per setting and point of training,
+    seeds side by side (probe_nme.py --spectra)."""
+    eigs = _csv(path)
+    if not eigs:
+        return ["Not run."]
+    cells: dict = {}
+    for e in eigs:
+        cells.setdefault((e["method"], e["activation"], float(e["epoch"])), {})[e["seed"], e["operator"]] = e
+    out = ["`probe_nme.py --spectra`: SLQ of H, GN and NME = H − GN on the probe batch (MATH.md §8); extremes of "
+           "start 0, masses averaged over the starts, ε = 0.01 λ_GN; the seeds side by side.", "",
+           "| method | activation | epoch | λ_GN | NME λ_max/λ_GN | NME λ_min/λ_GN | NME μ((−∞, −ε)) | NME μ((ε, ∞)) "
+           "| H λ_min/λ_GN |", "|---|---|---|---|---|---|---|---|---|"]
+    for (m, a, ep), by in sorted(cells.items(), key=lambda kv: (kv[0][0] != "sgd", kv[0][1] != "relu", kv[0])):
+        seeds = sorted({s for s, _ in by})
+        def col(op, key, over_gn=True, digits=3):  # the seeds' values, relative to λ_GN where asked
+            return ", ".join(f"{float(by[s, op][key]) / (float(by[s, 'GN']['lam_gn_max']) if over_gn else 1):.{digits}f}"
+                             for s in seeds if (s, op) in by)
+
+        out.append(f"| {m} | {a} | {ep:g} | {col('GN', 'lam_gn_max', False, 1)} | {col('NME', 'top_1')} | "
+                   f"{col('NME', 'bottom_1')} | {col('NME', 'mass_below_eps', False, 4)} | "
+                   f"{col('NME', 'mass_above_eps', False, 4)} | {col('H', 'bottom_1')} |")
+    return out
+
+
+def _speed(res: Path) -> list[str]:
+    """The benchmarks' CSVs as tables: each rule's cost as a ratio to sgd (XLA's counts, and time), the
+    FLOPs of hessian_trace per JAX version with and without `cse`, the probe, the input pipeline, and
+    the paper setups' cost plan."""
+    out = ["`bench.py` times or compiles each rule's whole train step side by side and reports the ratio to sgd; "
+           "`--analyze` takes XLA's FLOP count and peak memory of the compiled step, which no other load on the "
+           "machine can disturb (`uv run bench.py --analyze --out results`, wrn16_4 at batch 128, 32²; "
+           "`uv run bench.py --configs cnn16:128:32:float32 --out results`, timed on 2 CPU cores).", "",
+           "| rule | FLOPs / sgd | peak memory / sgd | CPU time / sgd (cnn16) |", "|---|---|---|---|"]
+    timed = {r["method"]: r for r in _csv(res / "bench_cpu.csv")}
+    for r in _csv(res / "bench_cpu_xla.csv"):
+        t = timed.get(r["method"])
+        out.append(f"| {r['method']} | {float(r['flop_ratio']):.2f} ({float(r['gflop']):.0f} GFLOP) | "
+                   f"{float(r['mem_ratio']):.2f} ({float(r['peak_mem_mb']):.0f} MiB) | "
+                   f"{float(t['ratio_to_sgd']):.2f} ({float(t['step_ms']):.0f} ms) |" if t else
+                   f"{float(r['flop_ratio']):.2f} ({float(r['gflop']):.0f} GFLOP) | {float(r['mem_ratio']):.2f} "
+                   f"({float(r['peak_mem_mb']):.0f} MiB) | – |")
+    versions = sorted((res / "bench_versions").glob("*/bench_cpu_xla.csv"))
+    if versions:
+        out += ["", "hessian_trace's FLOPs over sgd's on each JAX version (`bench.py --analyze --methods sgd "
+                "hessian_trace`, and `--no-cse` without merging the nested JVPs' first-order stream, MATH.md §3):",
+                "", "| JAX | with cse | without cse |", "|---|---|---|"]
+        got: dict = {}
+        for p in versions:
+            jax_version, mode = p.parent.name.rsplit("-", 1)
+            got.setdefault(jax_version, {})[mode] = next(float(r["flop_ratio"]) for r in _csv(p)
+                                                         if r["method"] == "hessian_trace")
+        out += [f"| {v} | {m.get('cse', math.nan):.2f} | {m.get('nocse', math.nan):.2f} |" for v, m in got.items()]
+    probe = {r["method"]: r for r in _csv(res / "bench_probe_pipeline" / "bench_cpu.csv")}
+    if "probe" in probe:
+        out += ["", f"One call of the curvature probe costs {float(probe['probe']['ratio_to_sgd']):.1f} sgd steps at the "
+                f"same batch (mlp256, batch 512: {float(probe['probe']['step_ms']):.0f} ms against "
+                f"{float(probe['sgd']['step_ms']):.0f} ms; `bench.py --configs mlp256:512:28:float32 --methods sgd "
+                "probe`)."]
+    pipe = _csv(res / "bench_pipeline.csv")
+    if pipe:
+        out += ["", "ImageNet decoding per core (`bench.py --reencode`: 96 photo-like 500 × 375 JPEGs, the median of "
+                "5 passes; images/s and the ratio to decoding the original at full size):", "",
+                "| folder | train | eval | train crop: resolution kept / not upsampled |", "|---|---|---|---|"]
+        by = {(r["folder"], r["split"], r["transform"]): r for r in pipe}
+        for folder in dict.fromkeys(r["folder"] for r in pipe if r["split"] != "-"):
+            for how in ("full_decode", "repo"):
+                t, e = by.get((folder, "train", how)), by.get((folder, "eval", how))
+                if t:
+                    out.append(f"| {folder}{' (full decode)' if how == 'full_decode' else ''} | "
+                               f"{float(t['images_per_s_per_core']):,.0f} ({float(t['ratio_to_full_decode']):.2f}×) | "
+                               f"{float(e['images_per_s_per_core']):,.0f} ({float(e['ratio_to_full_decode']):.2f}×) | "
+                               f"{float(t['crop_resolution']):.2f} / {float(t['crop_not_upsampled']):.0%} |")
+    if (res / "plan.csv").exists():
+        import contextlib
+
+        import bench  # the plan is bench's, from results/plan.csv alone (no compile at budget 0)
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            bench.plan(bench.Config(plan=True, compile_budget_s=0, out=str(res)))
+        out += [""] + [ln for ln in buf.getvalue().strip().splitlines() if not ln.startswith("plan:")]
+    return out
+
+
+def report(write: bool = True) -> dict[Path, str]:
+    """{path: text} of results/README.md and of README.md with its claims table regenerated; written
+    unless write is False (the staleness test compares them with the files)."""
+    readme = (ROOT / "README.md").read_text()
+    head, _, rest = readme.partition(CLAIMS_MARK + "\n")
+    _, _, tail = rest.partition(CLAIMS_MARK + "\n")
+    texts = {ROOT / "results" / "README.md": results_readme(),
+             ROOT / "README.md": f"{head}{CLAIMS_MARK}\n{claims_table()}\n{CLAIMS_MARK}\n{tail}"}
+    if write:
+        for path, text in texts.items():
+            path.write_text(text)
+    return texts
+
+
 #### Command line ##################################################################################
 
 
 def _main(argv=None) -> None:
-    """uv run tools.py reencode SRC DST [--side N] [--val-side N] [--workers N] [--quality Q]"""
+    """uv run tools.py reencode SRC DST [--side N] [--val-side N] [--workers N] [--quality Q] | report"""
     p = _Parser(prog="tools.py", description="The instruments' jobs.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("reencode", help=reencode.__doc__.split("\n\n")[0])
@@ -525,11 +1030,14 @@ def _main(argv=None) -> None:
                    help=f"shorter side of val images in px (default {REENCODE_VAL_SIDE}, the evaluation's resize)")
     r.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     r.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    sub.add_parser("report", help=report.__doc__.split("\n")[0])
     a = p.parse_args(argv)
+    if a.command == "report":
+        for path in report():
+            print(f"report: wrote {path.relative_to(ROOT)}")
+        return
     got = reencode(a.src, a.dst, a.side, a.workers, a.quality, val_side=a.val_side)
     print(f"reencode: {got['done']} files written, {got['skipped']} already done, {got['files']} in {a.dst}")
-
-
 
 
 if __name__ == "__main__":

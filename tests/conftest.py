@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 # The caller's XLA flags (--xla_cpu_max_isa=SSE4_2 or AVX2 round float32 as another CPU does: README,
-# "Tests"), kept for the subprocesses that set their own device count.
+# "Tests and versions"), kept for the subprocesses that set their own device count.
 CALLER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 # Four simulated CPU devices for the sharding tests; must be set before JAX starts.
 os.environ["XLA_FLAGS"] = CALLER_XLA_FLAGS + " --xla_force_host_platform_device_count=4"

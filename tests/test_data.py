@@ -346,7 +346,7 @@ def test_image_size_sets_the_pipeline_shapes(imagenet_dir):
     assert data.spec.shape == (64, 64, 3)
     for xb, yb in list(data.train(4, seed=0, num_epochs=1)) + list(data.test(6)):
         assert xb.shape[1:] == (64, 64, 3) and xb.dtype == np.uint8 and _labels_match_pixels(xb, yb)
-    assert data.probe_batch(3)[0].shape == (3, 64, 64, 3)
+    assert tools.probe_batch(data, 3)[0].shape == (3, 64, 64, 3)
     cfg = common.for_dataset("imagenet", model="tiny", image_size=48)
     assert common.load_data(cfg, workers=0, data_dir=imagenet_dir).spec.shape == (48, 48, 3)
 

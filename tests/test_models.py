@@ -1,4 +1,5 @@
 import functools
+import math
 
 import equinox as eqx
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from common import BN, ConfigError, apply, count_params, decay_mask, make_model, model_builder
+from common import BN, ConfigError, _is_param, apply, decay_mask, make_model, model_builder
 from conftest import EPS32
 
 # Compiles dominate on CPU: shapes and activation sites are checked by tracing (eval_shape) for every
@@ -34,6 +35,11 @@ def _bf16(tree):
 def _run(layer, x, state):
     """A model, block or BN layer over the batch x, as `apply` does."""
     return jax.vmap(layer, in_axes=(0, None), out_axes=(0, None), axis_name="batch")(x, state)
+
+
+def count_params(model) -> int:
+    """Number of scalars in inexact-array leaves, abstract ones included."""
+    return sum(math.prod(a.shape) for a in jax.tree.leaves(model) if _is_param(a))
 
 
 @pytest.mark.parametrize("name,classes,published", [

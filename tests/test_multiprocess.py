@@ -29,9 +29,9 @@ NAME = "fig2_gp_relu_gelu"
 
 DRIVER = """
 import dataclasses, json, os, signal, sys
-import common, fig2_gp_relu_gelu as fig
+import common, tools, fig2_gp_relu_gelu as fig
 extra = json.loads(sys.argv[1])
-common.PEER_TIMEOUT_S = extra.pop("peer_timeout_s", common.PEER_TIMEOUT_S)
+tools.PEER_TIMEOUT_S = extra.pop("peer_timeout_s", tools.PEER_TIMEOUT_S)
 common.ASK_EVERY = extra.pop("ask_every", common.ASK_EVERY)
 die = extra.pop("die_after_save", None)
 resolve = common.resolve

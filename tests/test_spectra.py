@@ -279,7 +279,7 @@ def measure_mlp256(reps=20, products=30):
     cfg = common.for_dataset("fashion_mnist")
     data = common.load_data(cfg)
     run = common.setup(cfg, 0, data)
-    xb, yb = data.probe_batch(512)
+    xb, yb = tools.probe_batch(data, 512)
     act = common.Activation("gelu")
     zoo = tools.inference_net(run.spec.net, run.bn_state)
     xb = common.normalize(jnp.asarray(xb), data.spec.mean, data.spec.std)
