@@ -61,7 +61,7 @@ class Config:
     quick: bool = False  # 5 timed steps, 1 warm-up: a smoke run
     analyze: bool = False  # compile only: XLA's FLOP count and peak memory per rule, no timing
     cse: bool = True  # --no-cse: hessian_trace without `common.cse`, to measure what the merge saves
-    gpu_quick: bool = False  # the GPU check (docs/running.md): WRN-28-10 fp32/bf16, ResNet-50 bf16, pipeline, a fig2 run
+    gpu_quick: bool = False  # the GPU check (docs/running.md): WRN-28-10, ResNet-50, pipeline, a fig2 run
     # --plan: the cost of each figure script's paper setup from XLA's counts, compile only (`plan`)
     plan: bool = False
     plan_scripts: tuple[str, ...] = ("fig2_gp_relu_gelu", "fig3_beta_gelu", "fig4_aug_dim", "fig5_weight_noise",

@@ -1,9 +1,8 @@
 """Library for the reproduction of Dauphin, Agarwala & Mobahi (2024), "Neglected Hessian component explains mysteries
-in Sharpness regularization" (arXiv 2401.10809). Sections, each using only those above it, in the order the data
-flows: activations -> curvature -> update rules (the math) -> models -> data -> configuration -> training -> results
--> sweeps and the command line -> plots -> verdicts -> a figure script's main. MATH.md defines every quantity and the
-three corrections to the paper; equation numbers are the paper's. tools.py holds the instruments around a run (the
-curvature probe, spectra, ImageNet re-encoding, the results report)."""
+in Sharpness regularization" (arXiv 2401.10809). Sections, each using only those above: activations -> curvature ->
+update rules -> models -> data -> configuration -> training -> results -> sweeps and the command line -> plots ->
+verdicts -> a figure script's main. MATH.md defines every quantity and the paper's three corrections (equation numbers
+are the paper's); tools.py holds the instruments around a run (curvature probe, spectra, ImageNet re-encoding)."""
 
 from __future__ import annotations
 
@@ -52,11 +51,10 @@ class ConfigError(Exception):
 
 
 #### Activations (Sections 4.3-4.4, MATH.md §2) ####################################################
-# Each is an elementwise f(x, beta) whose value and first two AD derivatives are exactly MATH.md §2's table under
-# every AD path; beta, the width of φ″, may be a traced array (a β sweep compiles once). The custom ones use
-# jax.custom_jvp (a custom_vjp has no forward mode and would break the forward-over-reverse HVP); their JVP rules call
-# a second custom-JVP function for the tangent, so that differentiating a rule again gives the second derivative we
-# define. No rule differentiates with respect to beta: its tangent is dropped.
+# Elementwise f(x, beta) whose value and first two AD derivatives are MATH.md §2's table under every AD path; beta, the
+# width of φ″, may be traced (a β sweep compiles once). Custom ones use jax.custom_jvp (custom_vjp has no forward mode:
+# it would break the forward-over-reverse HVP); a rule's tangent is itself a custom-JVP function, so differentiating
+# again gives the second derivative we define. Tangents with respect to beta are dropped.
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -138,8 +136,7 @@ ACTIVATIONS: dict[str, ActivationDef] = {
 
 
 class Activation(eqx.Module):
-    """The nonlinearity `name` with width `beta`, as a model holds it: `beta` is a leaf (a Python float outside the
-    train step, a traced array inside it), so one compiled step serves a β sweep."""
+    """The nonlinearity `name` of width `beta`, a pytree leaf (traced in the step: one compile serves a β sweep)."""
     name: str = eqx.field(static=True)
     beta: float | jax.Array = 1.0
 
@@ -178,8 +175,7 @@ def with_beta(model, beta):
 
 
 #### Curvature (Eq. 2, MATH.md §1) #################################################################
-# All for the batch-mean softmax cross-entropy; vectors are parameter pytrees. Nothing materialises a matrix: each
-# product costs a small constant number of forward/backward passes.
+# For the batch-mean softmax cross-entropy; vectors are parameter pytrees; no matrix is materialised.
 def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -226,12 +222,10 @@ def _hashable(v):
 
 
 def cse(fn: Callable) -> Callable:
-    """fn traced to a jaxpr, equations repeating a pure computation on the same inputs merged (common-subexpression
-    elimination), and evaluated: the same values and derivatives as fn. Nested JVPs compute the first-order stream
-    twice (the inner JVP's tangent ẋ and the outer's tangent x′ of the primal are the same numbers); XLA merges the
-    two forward copies, but reverse mode gives each its own cotangent and backward pass. Merging them in the jaxpr
-    first leaves three streams for reverse mode instead of four (FLOPs: results/README.md). Equations with effects
-    stay, and so do repeated custom-JVP calls, whose rules are distinct objects on each call."""
+    """fn with its jaxpr's repeated pure equations on the same inputs merged (CSE): the same values and derivatives.
+    Nested JVPs compute the first-order stream twice (inner tangent ẋ = outer tangent x′ of the primal); XLA merges
+    the forward copies, but reverse mode gives each its own backward pass: merging first leaves three streams, not four
+    (FLOPs: results/README.md). Equations with effects and repeated custom-JVP calls (distinct rule objects) stay."""
 
     def merged(*args):
         with jax.disable_jit():  # inline jitted library functions, so that their equations can merge
@@ -256,11 +250,9 @@ def cse(fn: Callable) -> Callable:
 
 
 #### Update rules (MATH.md §3) #####################################################################
-# Every rule is rule(loss_fn, params, state, batch, key, hp) -> Step, where loss_fn(params, state, batch) ->
-# (mean cross-entropy L0, (new_state, logits)) runs the model in training mode (BatchNorm on batch statistics),
-# batch = (x, y), and hp is the Hyper pytree of scalar arrays (TrainConfig's array=True fields; a rule reads hp.rho or
-# hp.sigma2), so that a sweep compiles once. The direction is the gradient of the rule's objective before weight decay
-# and momentum; `state` is the BatchNorm state to keep: from the pass at the unperturbed θ, except for weight_noise.
+# rule(loss_fn, params, state, batch, key, hp) -> Step; loss_fn(params, state, batch) -> (mean cross-entropy L0,
+# (new_state, logits)) in training mode; batch = (x, y); hp: the Hyper of scalar arrays. The direction is the gradient
+# of the objective before weight decay and momentum; `state` is BatchNorm's from the pass at θ (weight_noise: θ+ε).
 class Step(NamedTuple):
     direction: PyTree
     state: PyTree
@@ -288,12 +280,11 @@ def sgd(loss_fn, params, state, batch, key, hp) -> Step:
 
 
 def gp(loss_fn, params, state, batch, key, hp, *, p: int = 1, part: str = "H") -> Step:
-    """Gradient penalty L0 + ρ‖g‖^p by exact autodiff (Eq. 7-8, 46-47), and its two ablations: the direction is
-    g + ρ C u, u = ∂‖g‖^p/∂g (p=1, penalty SAM: g + ρ H g/‖g‖; p=2, penalty USAM: g + 2ρ H g). H u is
-    forward-over-reverse (`hvp`; its primal gradient is the clean pass, merged by XLA); a finite-difference HVP would
-    turn this into SAM and remove the NME effect the paper studies. `part` names C (MATH.md §3): "H" (gp), "GN"
-    (gp_gn: the NME taken out) or "NME" = H − GN (gp_nme: the NME alone), each of the training-mode logits at θ, so
-    d_gp = d_gp_gn + d_gp_nme − g. The ablations follow no objective (GN is not a Hessian of L0 + ρ‖g‖^p)."""
+    """Gradient penalty L0 + ρ‖g‖^p by exact autodiff (Eq. 7-8, 46-47) and its ablations: direction g + ρ C u,
+    u = ∂‖g‖^p/∂g (p=1, penalty SAM: g + ρ H g/‖g‖; p=2, penalty USAM: g + 2ρ H g). H u is forward-over-reverse
+    (`hvp`, its primal merged by XLA with the clean pass); a finite-difference HVP would make this SAM, removing the
+    NME effect studied. `part` names C (MATH.md §3), of the training-mode logits at θ: "H" (gp), "GN" (gp_gn: no NME)
+    or "NME" = H − GN (gp_nme), so d_gp = d_gp_gn + d_gp_nme − g; the ablations follow no objective."""
     if p not in (1, 2) or part not in ("H", "GN", "NME"):
         raise ValueError(f"gp: p must be 1 or 2 and part H, GN or NME, got {p}, {part!r}")
     loss, new_state, g = _grad(loss_fn, params, state, batch)
@@ -328,8 +319,8 @@ def usam(loss_fn, params, state, batch, key, hp) -> Step:
 
 
 def weight_noise(loss_fn, params, state, batch, key, hp) -> Step:
-    """One-sample gradient of E_ε L0(θ+ε), ε ~ N(0, σ²I) (Eq. 17); ≈ L0 + (σ²/2) tr(H). Its single pass, at θ+ε,
-    also gives the BatchNorm statistics: a clean pass would cost a third of a step for nothing."""
+    """One-sample gradient of E_ε L0(θ+ε), ε ~ N(0, σ²I) (Eq. 17), ≈ L0 + (σ²/2) tr(H). Its single pass, at θ+ε, also
+    gives the BatchNorm statistics: a clean pass would cost a third of a step for nothing."""
     std = jnp.sqrt(hp.sigma2)
     noisy = jax.tree.map(lambda w, e: w + (std * e).astype(w.dtype), params, tree_normal(key, params))
     loss, state, g = _grad(loss_fn, noisy, state, batch)
@@ -337,10 +328,8 @@ def weight_noise(loss_fn, params, state, batch, key, hp) -> Step:
 
 
 def hessian_trace(loss_fn, params, state, batch, key, hp) -> Step:
-    """L0 + (σ²/2) tr(H) with one Hutchinson sample (Eq. 19; σ²/2: MATH.md, correction to Eq. 17). εᵀH(θ)ε is the
-    second directional derivative of L0 along ε (forward-over-forward); one reverse pass through the nested JVPs,
-    their repeated first-order stream merged (`cse`), differentiates L0 + (σ²/2) εᵀHε (third order in L0), so the
-    clean gradient costs no pass of its own."""
+    """L0 + (σ²/2) tr(H), one Hutchinson sample (Eq. 19; σ²/2: MATH.md's correction to Eq. 17): εᵀHε by forward-over-
+    forward AD, then one reverse pass through the `cse`-merged nested JVPs: the clean gradient costs no extra pass."""
     eps = tree_normal(key, params)
 
     def along(w):  # (L0, ∂_ε L0), BatchNorm state
@@ -356,10 +345,8 @@ def hessian_trace(loss_fn, params, state, batch, key, hp) -> Step:
 
 
 def gn_trace(loss_fn, params, state, batch, key, hp) -> Step:
-    """L0 + (σ²/2) tr(GN) with the sampled-label estimator T̂ = B‖∇L0(θ, ŷ)‖² (Eq. 19-21), ŷ ~ Cat(softmax z) from
-    the clean pass, held fixed (stop_gradient). Double backprop through T̂ gives ∇T̂ = 2B H_ŷ g_ŷ, an exact Hessian
-    (GN + NME of the sampled labels, Section 5.3). The sampled-label gradient is pulled back through the clean pass's
-    own graph, so the outer reverse pass runs through one forward pass, not two."""
+    """L0 + (σ²/2) tr(GN) by T̂ = B‖∇L0(θ, ŷ)‖² (Eq. 19-21), ŷ ~ Cat(softmax z) held fixed: ∇T̂ = 2B H_ŷ g_ŷ, an exact
+    Hessian (GN + NME of the sampled labels, Section 5.3); the pullback reuses the clean pass's graph (one forward)."""
 
     def logits(w):
         loss, (new_state, z) = loss_fn(w, state, batch)
@@ -390,28 +377,23 @@ RULES: dict[str, Callable[..., Step]] = {
     "gn_trace": gn_trace,
 }
 
-# The learning rate's multiplier: SCHEDULES[name](warmup steps, total steps) -> f(step), traceable. The paper's:
-# linear warm-up from 0, then cosine decay to 0 (Goyal et al.; Section 3).
+# SCHEDULES[name](warmup, total) -> traceable lr multiplier f(step); the paper's: linear warm-up from 0, then cosine
+# decay to 0 (Goyal et al.; Section 3).
 SCHEDULES: dict[str, Callable] = {
     "cosine": lambda warmup, total: optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, max(total, warmup + 1)),
 }
 
 
 #### Models ########################################################################################
-# Every model is called on ONE channel-first example: model(x [C,H,W], state, *, key=None) -> (logits [num_classes],
-# state); `apply` vmaps it over the batch with axis_name="batch", the axis BatchNorm reduces over. Every nonlinearity
-# is the `act` passed in (bar the ResNet stem's max pooling, which the architecture prescribes), so swapping the
-# activation swaps the network's whole second-order behaviour. Convolutions: Kaiming-normal fan_out (torchvision, the
-# WRN reference), no bias. Linear heads: Equinox's default U(±1/√fan_in) weight (PyTorch's, kept by torchvision), zero
-# bias (WRN reference); a zero weight would make the Gauss-Newton/NME split degenerate at initialisation.
+# model(x [C,H,W], state, *, key=None) -> (logits [num_classes], state) on ONE example; `apply` vmaps it (axis "batch",
+# which BatchNorm reduces over). Every nonlinearity is `act` (bar the ResNet stem's max pooling): swapping it swaps the
+# whole second-order behaviour. Convolutions: Kaiming-normal fan_out, no bias; linear heads: U(±1/√fan_in) weight, zero
+# bias (torchvision, WRN reference); a zero weight would make the GN/NME split degenerate at initialisation.
 class BN(eqx.Module):
-    """BatchNorm with fp32 statistics and running state whatever the dtype of x or of the affine parameters (the step
-    may cast weights to bf16; the running state must not follow). Training mode normalises by the mean and biased
-    variance over the batch (the vmapped "batch" axis) and spatial axes, and updates zero-initialised running averages
-    (momentum 0.9); inference mode (eqx.nn.inference_mode) uses their debiased values m / (1 − 0.9ⁿ) after n updates
-    (before any: mean 0, variance 1). The output is (x − μ)·rsqrt(σ² + ε), not Equinox's (x − μ)/√(σ² + ε): reverse
-    mode through the division keeps more residuals, and XLA's CSE does not merge the repeated first-order stream of
-    nested JVPs through it (numbers: results/README.md)."""
+    """BatchNorm with fp32 statistics and running state whatever the dtype of x or the weights (maybe bf16). Training:
+    "batch"- and spatial-axis mean and biased variance, updating zero-started running averages (momentum 0.9);
+    inference: their debiased values m / (1 − 0.9ⁿ) after n updates (before any: 0 and 1). Output (x − μ)·rsqrt(σ² + ε):
+    Equinox's division keeps more reverse-mode residuals and defeats XLA's CSE of nested JVPs (results/README.md)."""
     weight: jax.Array
     bias: jax.Array
     index: eqx.nn.StateIndex  # (updates n, running mean, running variance)
@@ -443,9 +425,8 @@ class BN(eqx.Module):
         return y.astype(x.dtype), state
 
 
-# Eagerly, each distinct shape passed to jax.random costs an XLA compile of the generator (~3 s on CPU; dozens per
-# network), and so does each Equinox layer's default init. So weights are cut from fixed-size draws of one compiled
-# generator, and layers are built abstractly (eval_shape, no compute) before their weights are set.
+# Eagerly, each distinct jax.random shape and each Equinox default init compiles (~3 s on CPU, dozens per network):
+# weights are cut from fixed-size draws of one compiled generator, layers built abstractly (eval_shape).
 _CHUNK = 1 << 16
 _draw = jax.jit(lambda key: jax.random.normal(key, (_CHUNK,)))
 
@@ -629,9 +610,8 @@ class WRN(eqx.Module):
 
 
 class CNN(eqx.Module):
-    """(conv3x3-BN-act) x2 at `width`, 2x2 pool, the same at 2*width, then global pool and linear; with `side`, the
-    input resized to side x side (as MLP) and the last feature map flattened into the head (global pooling leaves a
-    small CNN too little capacity to over-fit). Average pooling keeps the activation the only nonlinearity."""
+    """(conv3x3-BN-act) x2 at `width`, 2x2 average pool (`act` stays the only nonlinearity), the same at 2*width, global
+    pool, linear. With `side`: input resized to side x side, last map flattened into the head (room to over-fit)."""
     convs: tuple
     pool: eqx.nn.AvgPool2d
     fc: eqx.nn.Linear
@@ -677,7 +657,7 @@ class Tiny(eqx.Module):
 
 class MLP(eqx.Module):
     """Image resized to 14x14 (any input size), flattened, (linear-BN-act) x depth at `width`, linear: the figure
-    scripts' CPU-scale model (matmuls are far cheaper than convolutions on a CPU); the only nonlinearity is `act`."""
+    scripts' CPU-scale model (matmuls are far cheaper than convolutions on a CPU)."""
     hidden: tuple
     norms: tuple
     fc: eqx.nn.Linear
@@ -720,8 +700,7 @@ def _width(cls, second="depth"):
     return make
 
 
-# name pattern -> (its groups -> build(num_classes, act, key, in_channels)); sizes are checked here, so a bad name
-# fails when the flags are read, not when the model is built.
+# name pattern -> (groups -> build(num_classes, act, key, in_channels)); sizes checked when the flags are read.
 MODELS: dict[str, Callable] = {
     "resnet50": lambda: functools.partial(ResNet, Bottleneck, (3, 4, 6, 3)),
     "resnet18": lambda: functools.partial(ResNet, Basic, (2, 2, 2, 2)),
@@ -757,9 +736,7 @@ def _is_param(x) -> bool:
 
 
 def decay_mask(model) -> PyTree:
-    """Weight-decay mask shaped like eqx.filter(model, eqx.is_inexact_array): True on conv and linear weights, False
-    on other inexact arrays (BN gamma/beta, biases), None elsewhere. Takes the model or its filtered parameters (as an
-    optax mask callable)."""
+    """Optax weight-decay mask: True on conv and linear weights, False on other inexact arrays, None elsewhere."""
     is_layer = lambda x: isinstance(x, (eqx.nn.Conv, eqx.nn.Linear))  # noqa: E731
 
     def leaf(x):
@@ -789,12 +766,8 @@ class DatasetSpec(NamedTuple):
 
 DATASET_SPECS = {  # statistics of the training sets (ImageNet: the usual torchvision values)
     "fashion_mnist": DatasetSpec(10, (28, 28, 1), (72.940,), (90.021,), 60_000),
-    "cifar10": DatasetSpec(
-        10, (32, 32, 3), (125.307, 122.950, 113.865), (62.993, 62.089, 66.705), 50_000
-    ),
-    "imagenet": DatasetSpec(
-        1000, (224, 224, 3), (123.675, 116.280, 103.530), (58.395, 57.120, 57.375), 1_281_167
-    ),
+    "cifar10": DatasetSpec(10, (32, 32, 3), (125.307, 122.950, 113.865), (62.993, 62.089, 66.705), 50_000),
+    "imagenet": DatasetSpec(1000, (224, 224, 3), (123.675, 116.280, 103.530), (58.395, 57.120, 57.375), 1_281_167),
 }
 
 FMNIST_DIR = Path(__file__).parent / "data" / "fashion-mnist"
@@ -834,15 +807,11 @@ def _load_fashion_mnist(data_dir):
     for name, want in FMNIST_SHA256.items():
         path = root / name
         if not path.is_file():
-            raise ConfigError(
-                f"Fashion-MNIST file {path} is missing; restore data/fashion-mnist/ "
-                "from the repo or point --data-dir at a folder with the four official gz files"
-            )
+            raise ConfigError(f"Fashion-MNIST file {path} is missing; restore data/fashion-mnist/ from the repo or "
+                              "point --data-dir at a folder with the four official gz files")
         if _file_digest(path, "sha256") != want:
-            raise ConfigError(
-                f"Fashion-MNIST file {path} fails its SHA-256 check; restore it from "
-                "the repo (see data/fashion-mnist/README.md) or fix --data-dir"
-            )
+            raise ConfigError(f"Fashion-MNIST file {path} fails its SHA-256 check; restore it from the repo (see "
+                              "data/fashion-mnist/README.md) or fix --data-dir")
     x_train = _read_idx(root / "train-images-idx3-ubyte.gz", 3)[..., None]
     y_train = _read_idx(root / "train-labels-idx1-ubyte.gz", 1).astype(np.int32)
     x_test = _read_idx(root / "t10k-images-idx3-ubyte.gz", 3)[..., None]
@@ -881,11 +850,9 @@ def _load_cifar10(data_dir):
             with tarfile.open(archive) as tar:
                 tar.extractall(root, filter="data")
         except (OSError, tarfile.TarError) as e:
-            raise ConfigError(
-                f"CIFAR-10 not found under {root} and the download failed ({e}); "
-                f"download {CIFAR10_URL} (md5 {CIFAR10_MD5}), extract it and pass "
-                "--data-dir pointing at the folder containing cifar-10-batches-py/"
-            ) from None
+            raise ConfigError(f"CIFAR-10 not found under {root} and the download failed ({e}); download "
+                              f"{CIFAR10_URL} (md5 {CIFAR10_MD5}), extract it and pass --data-dir pointing at the "
+                              "folder containing cifar-10-batches-py/") from None
         folder = _cifar10_folder(root)
         if folder is None:
             raise ConfigError(f"{archive} did not contain cifar-10-batches-py/; delete it and retry")
@@ -918,10 +885,8 @@ def _process_shard(batch_size):
     """(index, count, per-process batch size) of this JAX process."""
     count = jax.process_count()
     if batch_size <= 0 or batch_size % count:
-        raise ConfigError(
-            f"--batch-size {batch_size} must be a positive multiple of the "
-            f"number of JAX processes ({count})"
-        )
+        raise ConfigError(f"--batch-size {batch_size} must be a positive multiple of the number of JAX processes "
+                          f"({count})")
     return jax.process_index(), count, batch_size // count
 
 
@@ -929,10 +894,8 @@ _NO_THREADS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # in mem
 
 
 def small_batches(x, y, batch_size, *, seed, num_epochs, start_step=0, shuffle=True):
-    """Training batches (uint8 [b,H,W,C], int32 [b]), b = batch_size / processes. Every epoch is a fresh permutation
-    (from seed and the epoch number, so the seed must be the same on every process) split across processes, its
-    remainder dropped; num_epochs=None repeats forever. Starting at start_step yields exactly the tail of the stream
-    started at 0, so a resumed run sees the batches it would have seen."""
+    """Training batches (uint8 [b,H,W,C], int32 [b]), b = batch_size / processes: per epoch a permutation of (seed,
+    epoch) (same seed on all processes) split across them, remainder dropped; num_epochs=None repeats; exact resume."""
     index, count, b = _process_shard(batch_size)
     n = len(x) - len(x) % count  # equal shards, so all processes take the same number of steps
     steps = n // count // b
@@ -956,9 +919,7 @@ def small_batches(x, y, batch_size, *, seed, num_epochs, start_step=0, shuffle=T
 
 
 def eval_batches(x, y, batch_size):
-    """Batches of this process's shard in order, the last one maybe smaller. Shards are strided (process i gets
-    examples i, i+P, ...) and cover every example exactly once; processes may differ by one example (rarely, one
-    batch), so sum correct counts rather than averaging batch accuracies."""
+    """This process's strided shard in batches, the last maybe smaller; shards may differ by one: sum correct counts."""
     index, count, b = _process_shard(batch_size)
     idx = np.arange(index, len(x), count)
 
@@ -1026,9 +987,7 @@ def _reduction(side, need):
 
 
 def _open_rgb(path, pick=lambda w, h: 1):
-    """(RGB image, r, (w, h)): the file of size (w, h) decoded at 1/r of its size, r = pick(w, h) (from the header
-    alone) if the decoder can (JPEG: libjpeg's scaled IDCT, each pixel the mean of an r x r block), else 1; None for
-    an unreadable file, logged once per file and process."""
+    """(RGB image, r, (w, h)): the (w, h) file decoded at 1/r size, r = pick(w, h) if JPEG allows, else 1; or None."""
     try:
         with open(path, "rb") as f:  # one read: PIL's parser otherwise issues dozens of small ones
             raw = io.BytesIO(f.read())
@@ -1073,9 +1032,7 @@ def _random_resized_crop(w, h, rng):
 
 
 def _imagenet_train(record, rng, size=224):
-    """Random-resized crop (`_random_resized_crop`) resized to size x size, then a horizontal flip with probability
-    1/2. The crop is drawn in original pixels, then the file decoded at the largest scale-down leaving the crop at
-    least `size` px on each side, so the reduction never makes the resize upsample."""
+    """Random-resized crop to size x size and a ½ flip, decoded at the largest scale-down that never upsamples."""
     path, label = record
     box = None
 
@@ -1100,9 +1057,7 @@ def eval_resize(size):
 
 
 def _imagenet_eval(record, size=224):
-    """Resize the shorter side to eval_resize(size), centre-crop size x size; decoded at the smallest scale with a
-    shorter side of at least that, and only the crop's region resized (the same sample points as resizing the whole
-    image and cropping)."""
+    """Shorter side to eval_resize(size), centre crop size x size (resizing only the crop region: the same samples)."""
     path, label = record
     short = eval_resize(size)
     opened = _open_rgb(path, lambda w, h: _reduction(min(w, h), short))
@@ -1119,11 +1074,9 @@ def _imagenet_eval(record, size=224):
 
 def imagenet_batches(source: _ImageFolder, split, batch_size, *, seed, num_epochs, start_step=0, workers=None,
                      image_size=224):
-    """Batches (uint8 [b,S,S,3], int32 [b]) of one split of an ImageFolder, S = image_size. "train": reshuffled each
-    epoch, random-resized-crop to S + flip with randomness fixed by (seed, position in the stream), batches running
-    across epoch boundaries. "val": in order, one pass (num_epochs ignored), shorter side resized to eval_resize(S)
-    + centre crop S, the last batch maybe smaller. The seed must be the same on every JAX process. Unreadable images
-    are logged and skipped; resuming at start_step is exact only if none was skipped before it, with as many workers."""
+    """Batches (uint8 [b,S,S,3], int32 [b]) of a split of an ImageFolder, S = image_size. "train": reshuffled each
+    epoch, crops and flips fixed by the seed (the same on every process) and stream position; "val": one ordered pass.
+    Bad images are skipped; resuming at start_step is exact only if none was skipped before, with as many workers."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     index, count, b = _process_shard(batch_size)
@@ -1179,9 +1132,8 @@ class InMemory:
 
 
 class ImageFolder:
-    """An ImageNet-style folder, data_dir/{train,val}/<class>/*.JPEG, scanned once; the classes are the folders under
-    train/, sorted. Decoding runs in `workers` processes; images come out image_size x image_size
-    (`imagenet_batches`). A folder re-encoded by `reencode` has the same layout and works unchanged."""
+    """An ImageNet-style folder data_dir/{train,val}/<class>/*.JPEG (also `reencode`'s output), scanned once; classes:
+    the sorted folders under train/. `workers` processes decode it to image_size x image_size (`imagenet_batches`)."""
     LAYOUT = "a folder holding train/<class>/*.JPEG and val/<class>/*.JPEG (e.g. --data-dir /data/imagenet)"
 
     def __init__(self, data_dir, *, train_subset=None, test_subset=None, workers=None, image_size=224):
@@ -1240,14 +1192,11 @@ _load_small_cached = functools.lru_cache(maxsize=2)(load_small)  # a sweep decod
 
 
 #### Configuration (MATH.md §4-§5) #################################################################
-# What a run trains, in one place: TrainConfig (each field's default, check and flag: `setting`), the setups (SETUPS),
-# and a run's identity (its fields and seed) as CSV rows, resume, checkpoints and plots compare it.
+# What a run trains: TrainConfig (each field declared by `setting`), the setups (SETUPS), and a run's identity.
 def setting(default, check: Callable[[Any], str | None] | None = None, *, flag: bool = True, array: bool = False,
             help: str = ""):
-    """A configuration field: its default; the check of a value (None when accepted, else the accepted values as
-    text; a None value is never checked); whether every figure script has a --flag for it (`Flags`; False: the
-    script's runs set it); whether the step reads it as a scalar array (`Hyper`: a sweep over it compiles once); and
-    the flag's help."""
+    """A configuration field: default; check (None if accepted, else the accepted values as text; None is never
+    checked); flag (a --flag in every script: `Flags`); array (a scalar of the step, `Hyper`: one compile per sweep)."""
     return dataclasses.field(default=default, metadata={"check": check, "flag": flag, "array": array, "help": help})
 
 
@@ -1279,9 +1228,8 @@ def _known_model(name):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """What one run trains. Every field is part of the run's identity: two runs with the same fields and seed are the
-    same run (resume, CSV rows, plots, checkpoints). A run starts from its dataset's setup (SETUPS); a default here is
-    what a column missing from an older CSV means, so it never changes. A new field is one line (`setting`)."""
+    """What one run trains; with the seed, every field is the run's identity (resume, CSV rows, plots, checkpoints).
+    A run starts from its dataset's setup (SETUPS); a default is what an older CSV's missing column means: fixed."""
     dataset: str = setting("fashion_mnist", one_of(DATASETS))
     model: str = setting("mlp256", _known_model)
     activation: str = setting("relu", one_of(ACTIVATIONS), flag=False)
@@ -1312,8 +1260,7 @@ class TrainConfig:
 
 @functools.cache
 def hyper_class(cls: type) -> type:
-    """The namedtuple of the array=True fields of `cls` (TrainConfig or a subclass), which the step reads as scalar
-    arrays (a rule reads hp.rho, hp.sigma2, or a copied script's own), so a sweep over any of them compiles once."""
+    """The namedtuple of the array=True fields of `cls` (TrainConfig or a subclass), the step's scalar arrays."""
     arrays = [f for f in dataclasses.fields(cls) if f.metadata["array"]]
     return collections.namedtuple("Hyper", [f.name for f in arrays], defaults=[f.default for f in arrays])
 
@@ -1327,8 +1274,7 @@ def hyper(cfg):
     return cls(*(jnp.float32(getattr(cfg, f)) for f in cls._fields))
 
 
-# Every setup, whole (MATH.md §4). A script's runs set activation, beta, method, rho and sigma2; a script may change
-# its setup (its Config's `overrides`), and a flag given changes both.
+# Every setup, whole (MATH.md §4); a script's runs set activation, beta, method, rho and sigma2 (changes: `resolve`).
 SETUPS = {
     # The CPU regimes (MATH.md §5, results/README.md): a BN MLP and a BN conv net over-fitting 1,024 Fashion-MNIST
     # images of which 30% carry a wrong label, each chosen by the curvature probe among candidates (results/regimes/).
@@ -1424,8 +1370,7 @@ def _defaults_of(classes: tuple[type, ...]) -> dict:
 
 
 def defaults() -> dict:
-    """Every configuration field and its default, TrainConfig's first: a column a row lacks (a CSV written before the
-    field existed, or by a script without it) means the default."""
+    """Every configuration field and its default, TrainConfig's first: what a column a row lacks means."""
     return _defaults_of(_classes())
 
 
@@ -1467,9 +1412,8 @@ def varying_field(rows: list[dict], f: str) -> set:
 
 
 #### Training ######################################################################################
-# One jitted step over a mesh of all devices: the batch is sharded on the "data" axis, parameters, optimizer and
-# BatchNorm state replicated, so BatchNorm statistics and ‖g‖ cover the global batch (XLA inserts the all-reduces).
-# The step compiles once per StepSpec, the hashable description of what its code depends on; Hyper scalars are inputs.
+# One jitted step over all devices: batch sharded on "data", the rest replicated, so BatchNorm statistics and ‖g‖
+# cover the global batch. It compiles once per StepSpec (what its code depends on); Hyper scalars are inputs.
 class NetSpec(NamedTuple):
     """What a model's structure depends on."""
     model: str
@@ -1502,16 +1446,13 @@ def skeleton(net: NetSpec):
 
 
 def make_optimizer(spec: StepSpec, hp: Hyper):
-    """(optax transform, schedule): SGD with (Nesterov) momentum, coupled weight decay and the schedule (SCHEDULES)
-    as a multiplier; the step multiplies its output by the learning rate. Weight decay and momentum are arrays (a sweep
-    compiles once). Order as PyTorch SGD: d = g + λθ; m = μm + d; θ -= lr (d + μm | m)."""
+    """(optax transform, schedule): SGD with (Nesterov) momentum, coupled weight decay and the schedule as a
+    multiplier (the step applies the lr). Order as PyTorch SGD: d = g + λθ; m = μm + d; θ -= lr (d + μm | m)."""
     mask = None if spec.decay_norm_and_bias else decay_mask
     schedule = SCHEDULES[spec.schedule](spec.warmup_steps, spec.total_steps)
-    return optax.chain(
-        optax.add_decayed_weights(hp.weight_decay, mask),
-        optax.trace(decay=hp.momentum, nesterov=spec.nesterov),
-        optax.scale_by_schedule(schedule),
-    ), schedule
+    return optax.chain(optax.add_decayed_weights(hp.weight_decay, mask),
+                       optax.trace(decay=hp.momentum, nesterov=spec.nesterov),
+                       optax.scale_by_schedule(schedule)), schedule
 
 
 def _cast(params, dtype):
@@ -1533,8 +1474,7 @@ def make_loss_fn(static, dtype, beta):
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2, 3))
 def train_step(spec: StepSpec, params, opt_state, bn_state, x, y, key, hp: Hyper):
-    """One step (augmentation, loss, update rule, optimizer, BatchNorm state) on uint8 NHWC x: (params, opt_state,
-    bn_state, {"loss": L0}); donates the three states."""
+    """One step on uint8 NHWC x: (params, opt_state, bn_state, {"loss": L0}); donates the three states."""
     k_aug, k_rule = jax.random.split(key)
     if spec.augment:
         x = augment_small(k_aug, x)
@@ -1602,10 +1542,9 @@ def stop_job(why: str) -> None:
 
 
 def maybe_init_distributed() -> None:
-    """jax.distributed.initialize() when launched as several processes: explicitly (the _EXPLICIT variables), or by
-    SLURM, Open MPI or a TPU pod (detected by JAX); nothing on one host. Recoverable (jax_enable_recoverability), so a
-    dead peer fails the survivors' collectives, which `run_cli` reports in one line, instead of aborting them from C++
-    with a stack trace; a tools.Watchdog ends them where no collective fails. Bad launch variables are a ConfigError."""
+    """jax.distributed.initialize() under a multi-process launch (_EXPLICIT variables, SLURM, Open MPI, TPU pod),
+    recoverable: a dead peer fails the survivors' collectives (reported by `run_cli`) instead of a C++ abort; a
+    tools.Watchdog ends them where no collective fails."""
     global _watchdog
     env = os.environ
     if any(env.get(k) for k in _EXPLICIT):
@@ -1632,9 +1571,7 @@ def padded_eval_batch(eval_batch_size: int) -> int:
 
 
 def _evaluate(net, spec, mesh, params, bn_state, beta, batches, eval_batch, n_examples):
-    """Accuracy and mean cross-entropy over the examples delivered (at most n_examples; unreadable images skipped).
-    Every batch is padded to one shape under a mask, and every process runs the same number of batches (its shard may
-    be one batch shorter), so the collectives stay aligned."""
+    """Accuracy and mean cross-entropy; padded, masked batches, as many on every process (collectives stay aligned)."""
     eval_batch = padded_eval_batch(eval_batch)
     local = eval_batch // jax.process_count()
     per_process = -(-n_examples // jax.process_count())
@@ -1651,8 +1588,7 @@ def _evaluate(net, spec, mesh, params, bn_state, beta, batches, eval_batch, n_ex
 
 
 class _Log:
-    """Progress of one run, on process 0 unless log=False. On a terminal: one self-overwriting line on stderr every 25
-    steps; else (SLURM, nohup, a pipe) one flushed stdout line per epoch, at most one per `every_s` s, and the last."""
+    """Run progress on process 0: on a terminal a stderr line per 25 steps, else stdout per epoch (≤ 1 per every_s)."""
     def __init__(self, total, steps_per_epoch, enabled, every_s=30.0):
         self.total, self.per_epoch, self.every_s = total, steps_per_epoch, every_s
         self.on = enabled and jax.process_index() == 0
@@ -1693,8 +1629,7 @@ def _checkpointer(directory):
 def _save(ckpt, step, tree, extra):
     ocp, manager = ckpt
     leaves = {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
-    manager.save(step, args=ocp.args.Composite(leaves=ocp.args.StandardSave(leaves),
-                                               extra=ocp.args.JsonSave(extra)))
+    manager.save(step, args=ocp.args.Composite(leaves=ocp.args.StandardSave(leaves), extra=ocp.args.JsonSave(extra)))
     manager.wait_until_finished()
 
 
@@ -1806,8 +1741,7 @@ def _checkpoint(run: Run) -> None:
 
 
 def _read(x) -> float:
-    """The loop's one device-to-host read per step (a loss), allowed explicitly so that a loop run under
-    jax.transfer_guard_device_to_host("disallow") proves there is no other."""
+    """The loop's one device-to-host read per step, allowed explicitly: under a "disallow" guard, there is no other."""
     with jax.transfer_guard_device_to_host("allow"):
         return float(x)
 
@@ -1819,10 +1753,8 @@ def _examples(x, y) -> str:
 
 def fit(run: Run, data, opts: RunOptions = RunOptions(), callback: Callable[[Run], None] | None = None,
         every: int = 0) -> Run:
-    """Train `run` to its last step (or until its loss is not finite: `run.diverged`). With every = N > 0, calls
-    callback(run) (a diagnostic: the curvature probe) after every N-th step and the last. Each step reads one number
-    from the device (the previous step's loss, `_read`); the callback, checkpoints and the multi-process save
-    decision read on their own steps only."""
+    """Train `run` to its last step or a non-finite loss (`run.diverged`), calling callback(run) every `every` steps
+    and at the last. Each step reads one number (the previous loss, `_read`); callbacks and saves read on their own."""
     every = every if callback else 0
     batches = data.train(run.cfg.batch_size, seed=run.seed, start_step=run.step)
     log = _Log(run.total, run.steps_per_epoch, opts.log, opts.log_every_s)
@@ -1896,22 +1828,18 @@ def evaluate(run: Run, data, opts: RunOptions = RunOptions()) -> dict:
 
 
 #### Results #######################################################################################
-# A results CSV holds one row per run, its identity then what it measured, appended whole and fsynced as the run
-# finishes (a row torn by a kill is cut, its run redone). The curvature probe and spectra are fit's callbacks adding
-# rows of their own.
+# A results CSV: one row per run (identity, then measurements), appended whole and fsynced; a torn row is cut, redone.
 METRICS = ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "diverged", "steps", "wall_s")
 
 
 def row_fields(rows: list[dict]) -> list[str]:
-    """The identity fields of results rows: every configuration field and every other non-measurement column (a
-    copied script's own field, known or not here), so plots and verdicts never average rows of two setups."""
+    """Identity columns of results rows: configuration fields and any non-measurement column (never mix setups)."""
     measured = lambda c: c in METRICS or c.startswith("probe_")  # noqa: E731
     return list(dict.fromkeys([*id_fields(), *(c for c in (rows[0] if rows else ()) if not measured(c))]))
 
 
 def _repair(path) -> None:
-    """Cut a CSV's last line lacking its newline (a writer killed mid-row), with a warning, so its run is redone.
-    Process 0 alone repairs (the one writer); the others read past it."""
+    """Cut a CSV's last line lacking its newline (a killed writer), so its run is redone; by process 0, the writer."""
     if jax.process_index() or not os.path.exists(path) or os.path.getsize(path) == 0:
         return
     with open(path, "rb") as f:
@@ -1983,9 +1911,8 @@ def _write_rows(path, rows, columns) -> None:
 
 def train(cfg: TrainConfig, seed: int, data=None, opts: RunOptions = RunOptions(),
           probe: Callable[[Run, Any], Callable[[Run], None]] | None = None, every: int = 0) -> dict:
-    """Train one model: setup, fit, evaluate. Returns METRICS (a non-finite loss ends the run early as `diverged`,
-    never raised), images_per_s, and the final params, bn_state and probe. `data` defaults to load_data(cfg). With
-    `probe` (a diagnostic, tools.Prober), probe(run, data) after setup gives fit's callback, run every `every` steps."""
+    """Train one model: setup, fit, evaluate. Returns METRICS (a non-finite loss ends the run as `diverged`, never
+    raised), images_per_s, and the final params, bn_state and probe; probe(run, data) gives fit's callback."""
     t_start = time.perf_counter()
     data = data if data is not None else load_data(cfg, opts.workers, opts.data_dir)
     run = setup(cfg, seed, data, opts)
@@ -2006,8 +1933,7 @@ def train_row(cfg: TrainConfig, seed: int, opts: RunOptions) -> dict:
 
 
 #### Sweeps and the command line ###################################################################
-# A sweep is a list of (TrainConfig, seed): a rerun trains only the runs its CSV lacks, refusing runs of another setup.
-# Flags are generated from the configuration's fields (each with its check); a bad value is one line and exit code 2.
+# A sweep: (TrainConfig, seed) runs; a rerun trains only those its CSV lacks. Flags come from the configuration fields.
 @dataclasses.dataclass(frozen=True)
 class _ScriptFlags:
     """The flags of every figure script besides the configuration's own (`Flags`)."""
@@ -2028,8 +1954,7 @@ class _ScriptFlags:
 
 
 def _optional(cls, shown: Callable[[type, str], str]) -> list:
-    """The fields of `cls` that have a flag, as optional Flags fields (None: keep the setup's value), each with its
-    check, its help and, as `shown(script's Config, name)`, its default for --help."""
+    """`cls`'s fields with a flag as optional Flags fields (None: the setup's), --help default `shown(Config, name)`."""
     hints = typing.get_type_hints(cls)
     skip = {f.name for f in dataclasses.fields(_ScriptFlags)}
     return [(f.name, hints[f.name] | None, dataclasses.field(
@@ -2037,8 +1962,7 @@ def _optional(cls, shown: Callable[[type, str], str]) -> list:
             for f in dataclasses.fields(cls) if f.metadata.get("flag", True) and f.name not in skip]
 
 
-# Every figure script's flags: the script flags above, then one per TrainConfig and RunOptions field that has a flag,
-# generated; a script's Config extends it with the values it sweeps.
+# Every figure script's flags: _ScriptFlags, then one per TrainConfig and RunOptions field that has a flag.
 Flags = dataclasses.make_dataclass(
     "Flags",
     _optional(TrainConfig, lambda config, name: "the setup's: " + ", ".join(
@@ -2048,9 +1972,8 @@ Flags = dataclasses.make_dataclass(
 
 
 def resolve(flags) -> tuple[TrainConfig, RunOptions]:
-    """The base TrainConfig and RunOptions of a script's flags: the dataset's setup (SETUPS), the script's changes to
-    it (its Config's `overrides`), SMOKE under --smoke, then every value given (a flag, or a script's field named as
-    a TrainConfig field)."""
+    """The base TrainConfig and RunOptions of a script's flags: the dataset's setup, its Config's `overrides`, SMOKE
+    under --smoke, then every value given (a flag, or a script's field named as a TrainConfig field)."""
     validate(flags)
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"dataset"}
     given = {k: v for k, v in dataclasses.asdict(flags).items() if k in names and v is not None}
@@ -2076,9 +1999,8 @@ def smoke_runs(configs: list) -> list:
 
 
 def check_setup(path, configs, fields=None) -> None:
-    """Refuse to add runs of another setup to a CSV: a field constant both among its rows and among the new runs,
-    with different values, is a different setup (a swept field may differ). `configs` are TrainConfigs, or rows of a
-    script that records its setup in other `fields`."""
+    """Refuse to add runs of another setup to a CSV: a field constant among both its rows and the new runs, with
+    different values (a swept field may differ). `configs`: TrainConfigs, or rows of a script using other `fields`."""
     rows = read_rows(path)
     if not rows:
         return
@@ -2189,9 +2111,8 @@ def parse_config(config_cls, argv=None, doc: str | None = None):
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main (after jax.distributed.initialize under a multi-process launcher): a ConfigError becomes
-    one line on stderr and exit code 2; in a multi-process job, a failed collective (another process died: gloo,
-    NCCL or ICI report it) one line and exit code 1."""
+    """Run a script's main (distributed when launched so): a ConfigError becomes one stderr line and exit code 2; a
+    failed collective of a multi-process job (another process died) one line and exit code 1."""
     try:
         maybe_init_distributed()
         main()
@@ -2222,10 +2143,8 @@ def _curves(rows, x: str, facet: str | None):
 
 def plot_sweep(rows: list[dict], png_path, x: str, title: str, *, facet: str | None = None, logx=False,
                xlabel=None, y="test_accuracy", verdicts: list[dict] | None = None) -> list[str]:
-    """Mean over seeds of `y` against `x` with a ±1 sample-sd band (ddof = 1), one line per distinct setup (labelled
-    by the fields that differ between lines), one panel per value of `facet`; diverged runs are an x on the bottom
-    axis. With `verdicts` (judge's lines), a last panel draws each claim's paired contrast and 95% interval against
-    x. Returns the lines' labels."""
+    """Plots the seed mean of `y` against `x` with a ±1 sample-sd band (ddof = 1), one line per setup, one panel per
+    `facet` value, diverged runs an x on the bottom axis, and `verdicts` in a last panel; returns the lines' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -2272,8 +2191,7 @@ def plot_sweep(rows: list[dict], png_path, x: str, title: str, *, facet: str | N
 
 
 def plot_contrasts(ax, verdicts: list[dict], x: str, logx: bool, xlabel: str) -> None:
-    """Each claim's paired contrast (mean, 95% t-interval over seeds) against the value of `x` its `at` names; marker
-    filled where reproduced, a cross where contradicted, hollow where inconclusive."""
+    """Each claim's contrast and 95% interval against the `x` its `at` names: filled reproduced, X contradicted."""
     series: dict = {}
     for line in verdicts:
         at = dict(part.split("=", 1) for part in line["at"].split(", ") if "=" in part)
@@ -2305,15 +2223,13 @@ def plot_contrasts(ax, verdicts: list[dict], x: str, logx: bool, xlabel: str) ->
 
 
 #### Verdicts (MATH.md §7) #########################################################################
-# One seed fixes the initialisation and the batch order, so runs sharing a seed are paired: each claim is a per-seed
-# contrast Σ coef · accuracy, summarised by its mean and 95% t-interval over the seeds where every term has a finished
-# run. Rows of different setups are never averaged: a term matching two rows for one seed is an error, not a mean.
+# A seed fixes initialisation and batch order, so runs sharing one are paired: a claim is a per-seed contrast (MATH.md
+# §7). Rows of different setups are never averaged: a term matching two rows for one seed is an error, not a mean.
 @dataclasses.dataclass(frozen=True)
 class Contrast:
     """A per-seed paired contrast summarised over seeds (MATH.md §7), in accuracy points. values: seed → contrast, in
     increasing seed order; n = len(values); mean (NaN when n = 0); sd, with ddof = 1; half = t_{0.975, n−1} · sd / √n;
-    the 95% interval [lo, hi] = mean ∓ half (sd, half, lo, hi are NaN when n < 2). Seeds dropped: missing, some term
-    has no row for them; diverged, a term's run diverged or has a non-finite value."""
+    [lo, hi] = mean ∓ half (NaN when n < 2). Seeds dropped: missing (a term has no row), diverged (or non-finite)."""
     values: dict[int, float]
     n: int
     mean: float
@@ -2365,12 +2281,9 @@ def gain_terms(a: dict, b: dict, x: str, at, base=0.0) -> list:
 
 
 def contrast(rows: list[dict], terms, *, y: str = "test_accuracy") -> Contrast:
-    """The paired contrast Σ coef · 100 · y(row) per seed (column "seed") over results rows (MATH.md §7). terms: a
-    sequence of (coef, selector), a selector being a dict column → value that picks one setting, e.g.
-    [(+1, {"activation": "gelu", "rho": 0.1}), (-1, {"activation": "gelu", "rho": 0})]. A seed enters when every term
-    has a row for it, that run did not diverge and its y is finite; other seeds some term has are dropped and counted
-    in `missing` (a term has no row; this wins when both apply) or `diverged`. Raises ValueError when a selector names
-    a column no row has, or matches several rows for one seed (naming the setup columns they differ in: add those)."""
+    """The paired contrast Σ coef · 100 · y(row) per seed (MATH.md §7); terms: (coef, {column: value}) pairs. A seed
+    enters when every term has a finite, undiverged row for it; others count as `missing` (first) or `diverged`.
+    ValueError when a selector names an absent column or matches several rows for a seed (naming their differences)."""
     if not terms:
         raise ValueError("contrast: no terms")
     columns = set().union(*(r.keys() for r in rows))
@@ -2389,8 +2302,7 @@ def contrast(rows: list[dict], terms, *, y: str = "test_accuracy") -> Contrast:
                           and len({_canonical(r.get(c)) for r in group}) > 1]
                 why = (f"they differ in {', '.join(differ)}: add those columns to the selector" if differ
                        else "they are identical in every setup column (repeated runs of one setup)")
-                raise ValueError(f"contrast: selector {selector} matches {len(group)} rows for seed {seed}; "
-                                 + why)
+                raise ValueError(f"contrast: selector {selector} matches {len(group)} rows for seed {seed}; " + why)
         by_term.append({s: g[0] for s, g in seeds.items()})
     values, missing, diverged = {}, 0, 0
     for seed in sorted(set().union(*by_term)):
@@ -2406,8 +2318,7 @@ def contrast(rows: list[dict], terms, *, y: str = "test_accuracy") -> Contrast:
 
 
 def first_seeds(c: Contrast, n: int) -> Contrast:
-    """c restricted to its n lowest seeds (all when n ≥ c.n), for the stability report at n − 2 seeds; missing and
-    diverged stay c's, the seeds dropped before the restriction."""
+    """c restricted to its n lowest seeds (all when n ≥ c.n), keeping c's counts of seeds dropped."""
     if n < 0:
         raise ValueError(f"first_seeds: n must be >= 0, got {n}")
     return _summarize({s: c.values[s] for s in sorted(c.values)[:n]}, c.missing, c.diverged)
@@ -2418,10 +2329,9 @@ EQUIVALENCE_BAND = 0.5  # accuracy points: a "~0" claim is reproduced when its i
 
 
 def verdict(c: Contrast, direction: str) -> str:
-    """The verdict on a claim that the contrast is > 0, < 0 or ~0 (MATH.md §7): "reproduced", "contradicted" or
-    "inconclusive". ">0": reproduced when lo > 0, contradicted when hi < 0; "<0" mirrored; "~0": reproduced when
-    [lo, hi] lies within ±EQUIVALENCE_BAND, contradicted when wholly beyond it on one side (lo > band or hi < −band).
-    Inconclusive otherwise and when n < 2."""
+    """The verdict, "reproduced", "contradicted" or "inconclusive", on a claim that a contrast is > 0, < 0 or ~0:
+    ">0" reproduced when lo > 0, contradicted when hi < 0; "<0" mirrored; "~0" reproduced when [lo, hi] lies within
+    ±EQUIVALENCE_BAND, contradicted when lo > band or hi < −band. Inconclusive otherwise and when n < 2 (MATH.md §7)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"verdict: direction must be one of {DIRECTIONS}, got {direction!r}")
     lo, hi, band = c.lo, c.hi, EQUIVALENCE_BAND
@@ -2438,10 +2348,8 @@ def verdict(c: Contrast, direction: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """One claim of the paper as a contrast (MATH.md §7): name, e.g. "Fig. 2"; label, the contrast in words, e.g.
-    "gain(gelu) − gain(relu)"; at, where it is evaluated, e.g. "rho=0.1"; terms, as in contrast(); direction, the
-    paper's sign of the contrast: ">0", "<0" or "~0"; seeds, the seeds it is judged on (None: all; a claim whose
-    settings were chosen on some seeds is judged on the others)."""
+    """A claim of the paper as a contrast (MATH.md §7): name ("Fig. 2"), label ("gain(gelu) − gain(relu)"), at
+    ("rho=0.1"), terms (as in contrast()), direction, seeds judged on (None: all; else those not used to choose it)."""
     name: str
     label: str
     at: str
@@ -2451,8 +2359,7 @@ class Claim:
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
-            raise ValueError(f"Claim {self.name}: direction must be one of {DIRECTIONS}, "
-                             f"got {self.direction!r}")
+            raise ValueError(f"Claim {self.name}: direction must be one of {DIRECTIONS}, got {self.direction!r}")
 
 
 VERDICT_COLUMNS = ("claim", "contrast", "at", "direction", "n", "mean", "lo", "hi", "missing", "diverged",
@@ -2460,12 +2367,9 @@ VERDICT_COLUMNS = ("claim", "contrast", "at", "direction", "n", "mean", "lo", "h
 
 
 def judge(rows: list[dict], claims) -> list[dict]:
-    """One line per claim and setup, a dict with keys VERDICT_COLUMNS: the claim's name, label, at and direction; its
-    contrast over rows (n, mean, lo, hi, missing, diverged); the same over its n2 = max(n − 2, 0) lowest seeds (mean2,
-    lo2, hi2; NaN when n2 < 2); and the verdict (MATH.md §7): verdict() at n seeds when it equals verdict() at n2
-    seeds, else "inconclusive", since a verdict that two more seeds change is not one (so with n ≤ 3 seeds every
-    claim is inconclusive). Rows are paired on the seed and every other identity field: where the rows sweep a field
-    no term names (a copied script sweeping weight_decay, say), the claim is judged once per value, named in `at`."""
+    """One dict (keys VERDICT_COLUMNS) per claim and setup: the contrast over rows, the same over its n2 = max(n − 2, 0)
+    lowest seeds (NaN when n2 < 2), and verdict() at n seeds if it agrees at n2, else "inconclusive": a verdict two
+    more seeds change is not one (MATH.md §7). Where rows sweep a field no term names, it is judged per value (`at`)."""
     lines = []
     for claim in claims:
         named = sorted({k for _, selector in claim.terms for k in selector})
@@ -2509,9 +2413,8 @@ def _signed(v: float) -> str:
 
 
 def format_verdict(line: dict) -> str:
-    """One human line for a judge() line (or one read back from write_verdicts' CSV), e.g.
-    "Fig. 2 gain(gelu) − gain(relu) at rho=0.1: +0.19 pt [−0.11, +0.49], n = 5
-    (n − 2: +0.37 [+0.33, +0.41]) -> inconclusive"; seeds dropped, if any, follow n."""
+    """One human line for a judge() line (or one read back from write_verdicts' CSV), e.g. "Fig. 2 gain(gelu) −
+    gain(relu) at rho=0.1: +0.19 pt [−0.11, +0.49], n = 5 (n − 2: +0.37 [+0.33, +0.41]) -> inconclusive"."""
     f = {k: float(line[k]) for k in ("mean", "lo", "hi", "mean2", "lo2", "hi2")}
     missing, diverged = int(line["missing"]), int(line["diverged"])
     dropped = f", dropped {missing} unpaired + {diverged} diverged" if missing or diverged else ""
@@ -2524,8 +2427,7 @@ def format_verdict(line: dict) -> str:
 
 
 def report_verdicts(rows: list[dict], claims, path) -> list[dict]:
-    """Judge the claims on the rows, print one line each and write them to `path` (CSV), leaving out claims whose
-    settings are not in the rows (a copied script that dropped them)."""
+    """Judge the claims, print one line each and write them to `path` (CSV), leaving out claims absent from rows."""
     lines = [line for line in judge(rows, claims) if line["n"] or line["diverged"]]
     for line in lines:
         print(format_verdict(line), flush=True)
@@ -2534,9 +2436,8 @@ def report_verdicts(rows: list[dict], claims, path) -> list[dict]:
 
 
 #### A figure script's main ######################################################################
-# A figure script is its experiment: a Config extending Flags (the sweep's values), a function listing the runs'
-# TrainConfigs, a plot and its claims; `run_script` does the rest. A run's CSV row holds its whole identity
-# (TrainConfig and seed), so a copied script sweeping any field resumes, plots and judges it as its own setup.
+# A figure script: a Config extending Flags (the sweep's values), its runs' TrainConfigs, a plot and claims. A CSV row
+# holds the run's whole identity, so a copied script sweeping any field resumes, plots and judges it as its own.
 def require_accelerator(flags) -> None:
     """A ConfigError on a paper setup where JAX sees only the CPU (weeks), unless --allow-cpu, --smoke, --plot-only."""
     if (flags.dataset in PAPER_SETUPS and jax.default_backend() == "cpu"
@@ -2548,11 +2449,9 @@ def require_accelerator(flags) -> None:
 
 def run_script(script: str, config_cls, make_runs: Callable, plot: Callable, doc: str, argv=None, *,
                claims: Callable | None = None, runner: Callable | None = None) -> None:
-    """A figure script's main: flags -> runs -> CSV -> plot -> verdicts. `make_runs(cfg, base)` lists the
-    TrainConfigs of one seed; `plot(rows, png_path, verdicts)` draws the CSV's rows; `claims(cfg, rows)` lists the
-    paper's claims as Claims (`rows`, the CSV's, for claims whose settings the data choose), judged into
-    <name>.verdict.csv. `runner(flags, base, out)` gives the function that trains one (TrainConfig, seed, RunOptions)
-    into its row (default `train_row`; probe_nme.py's adds the probe)."""
+    """A figure script's main: flags -> runs -> CSV -> plot -> verdicts. make_runs(cfg, base): one seed's TrainConfigs;
+    plot(rows, png_path, verdicts); claims(cfg, rows): the Claims (rows: for settings the data choose), judged into
+    <name>.verdict.csv; runner(flags, base, out): trains one (TrainConfig, seed, RunOptions) into a row (train_row)."""
     flags = parse_config(config_cls, argv, doc)
     base, opts = resolve(flags)
     name = Path(script).stem

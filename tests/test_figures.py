@@ -246,7 +246,8 @@ def test_every_configuration_field_with_a_flag_is_a_flag(capsys):
         common.resolve(common.parse_config(common.Flags, ["--warmup-epochs", "-1"]))
     with pytest.raises(SystemExit):
         common.parse_config(common.Flags, ["--help"])
-    assert "fashion_mnist 1024, fashion_mnist_cnn 1024, cifar10 None, imagenet None" in " ".join(capsys.readouterr().out.split())
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "fashion_mnist 1024, fashion_mnist_cnn 1024, cifar10 None, imagenet None" in shown
 
     @dataclasses.dataclass(frozen=True)
     class Extended:  # a new field is one line: its flag and its check follow

@@ -260,7 +260,8 @@ def test_weight_noise_on_a_quadratic():
     assert abs(losses.mean() - expected) < 5 * se
     assert abs(losses.mean() - float(Lq(w) + sigma2 * jnp.trace(A))) > 10 * se  # the paper's σ² would fail
     f = lambda p: loss_fn(p, None, None)[0]  # noqa: E731
-    hutch = jax.jit(jax.vmap(lambda k: (lambda e: common.tree_dot(e, common.hvp(f, params, e)))(tree_normal(k, params))))(keys)
+    sample = lambda e: common.tree_dot(e, common.hvp(f, params, e))  # noqa: E731 (Hutchinson: εᵀHε)
+    hutch = jax.jit(jax.vmap(lambda k: sample(tree_normal(k, params))))(keys)
     ht = float(Lq(w)) + 0.5 * sigma2 * np.asarray(hutch)
     assert abs(ht.mean() - expected) < 5 * ht.std(ddof=1) / np.sqrt(n)
     mc_close(jax.vmap(flat_of)(steps.direction), jax.grad(Lq)(w), jnp.zeros_like(w))

@@ -226,7 +226,8 @@ def test_a_schedule_added_to_the_registry_drives_the_step(monkeypatch):
     """A schedule of a copied script (SCHEDULES): multiplier 1 for the first half of the steps, 0 after;
     the parameters then stop at their value of the half-way step (weight decay and momentum scale with
     it), where the built-in cosine keeps training."""
-    monkeypatch.setitem(common.SCHEDULES, "half", lambda warmup, total: lambda step: jnp.where(step < total // 2, 1.0, 0.0))
+    half = lambda warmup, total: lambda step: jnp.where(step < total // 2, 1.0, 0.0)  # noqa: E731
+    monkeypatch.setitem(common.SCHEDULES, "half", half)
     flat = lambda p: np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])  # noqa: E731
     seen = {}
     probe = lambda run, data: lambda r: seen.setdefault(r.cfg.schedule, []).append(flat(r.params))  # noqa: E731
