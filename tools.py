@@ -804,8 +804,8 @@ def _regime_rows(folder: str) -> list[str]:
                    f"{'; '.join(gains)} | {probe} | {np.median([float(r['wall_s']) for r in rows]):.0f} | "
                    f"{len({r['seed'] for r in rows})} |")
     return ["| candidate | setup | ρ = 0: train / test acc, % | gain of gp_p1 over ρ = 0, pt (seed-paired mean) | "
-            "GELU under sgd, over training: NME share, φ″ share, probes with NME share > 5% | s per run (median) | "
-            "seeds |", "|---|---|---|---|---|---|---|"] + out
+            "GELU under sgd, over training: NME share, φ″ share, probes with NME share > 5% | s per run as recorded "
+            "(median; probes included, the machine shared) | seeds |", "|---|---|---|---|---|---|---|"] + out
 
 
 def _gains(rows: list[dict], methods) -> list[str]:
@@ -914,7 +914,11 @@ def _probe_table(runs_path, curves_path) -> list[str]:
            "| method | activation | φ″ share ‖(H − H_twin)ĝ‖/‖Hĝ‖ | NME share ‖NMEĝ‖/‖Hĝ‖ "
            "| RMS ‖softmax(z) − onehot(y)‖ "
            "| support of φ″ (share of \\|x\\| < 1/β) | test acc |", "|---|---|---|---|---|---|---|"]
-    for (m, a), v in sorted(cells.items(), key=lambda kv: (kv[0][0] != "sgd", kv[0])):
+    def order(kv):  # sgd first; β numerically
+        (m, a), _ = kv
+        return m != "sgd", m, a.split()[0], float(a.split()[-1]) if "β" in a else 0.0
+
+    for (m, a), v in sorted(cells.items(), key=order):
         phi, nme, rms, sup = np.mean(v, axis=0)
         out.append(f"| {m} | {a} | {'0 (exactly)' if phi == 0 else f'{phi:.3f}'} | {nme:.3f} | {rms:.2f} | "
                    f"{sup:.3f} | {acc[m, a]:.3f} |")

@@ -33,7 +33,7 @@ SMOKE = {
     "fig4_aug_dim": 4 * 2,
     "fig5_weight_noise": 2 * 3 * 2,
     "fig6_sam_vs_psam": 2 * 2 * 2,
-    "nme_ablation": 2 * (1 + 2),  # per activation: the shared sgd baseline at ρ = 0, both rules at the last ρ
+    "nme_ablation": 2 * (1 + 3),  # per activation: the shared sgd baseline at ρ = 0, the three rules at the last ρ
 }
 TRAINING = [s for s in SMOKE if s != "fig1_nme_landscape"]
 
