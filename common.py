@@ -1391,15 +1391,16 @@ def _fmt(v) -> str:
 
 
 def row_key(row: dict, fields=None) -> tuple:
-    """The identity of a row (`fields`, default `id_fields()`) as text; a column the row lacks counts as its default."""
+    """The identity of a row (`fields`, default `id_fields()`) as text; a column the row lacks, or leaves empty
+    (a CSV whose header gained it later), counts as its default."""
     d = defaults()
-    return tuple(_fmt(row[f] if f in row else d.get(f)) for f in fields or id_fields())
+    return tuple(_fmt(row.get(f) if row.get(f, "") != "" else d.get(f)) for f in fields or id_fields())
 
 
 def _field(c, f: str) -> str:
     """Field f of a TrainConfig or a row, as `row_key` compares it."""
     d = defaults().get(f)
-    return _fmt(getattr(c, f, d) if isinstance(c, TrainConfig) else c.get(f, d))
+    return _fmt(getattr(c, f, d) if isinstance(c, TrainConfig) else c.get(f) if c.get(f, "") != "" else d)
 
 
 def varying(configs, fields=None) -> list[str]:

@@ -381,10 +381,13 @@ def test_image_size_is_checked_and_imagenet_only():
 
 def test_a_column_missing_from_an_older_csv_means_the_default():
     """A row written before a field existed (image_size, schedule) has the identity of the row with the
-    field's default, and not that of another value."""
+    field's default, and not that of another value: whether the column is absent, or empty because the
+    CSV's header gained it later."""
     row = {k: str(v) for k, v in common.identity(common.SETUPS["fashion_mnist"], 3).items()}
     old = {k: v for k, v in row.items() if k not in ("image_size", "schedule")}
     assert common.row_key(old) == common.row_key(row)
+    assert common.row_key(row | {"image_size": "", "schedule": ""}) == common.row_key(row)
+    assert common.varying([row, row | {"image_size": ""}]) == []
     assert common.row_key(old) != common.row_key(row | {"image_size": "64"})
     assert common.row_key(old) != common.row_key(row | {"schedule": "other"})
 
