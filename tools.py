@@ -436,14 +436,15 @@ class Watchdog:
                 try:
                     got = b""
                     while select.select([c], [], [], 0)[0] and _DONE not in got:
-                        got += c.recv(64) or b"!"  # "!": end of stream
+                        chunk = c.recv(64)
+                        if not chunk:  # end of stream stays readable: without this the loop never ends
+                            raise OSError("its connection closed")
+                        got += chunk
                         heard[c] = time.monotonic()
                     if _DONE in got:  # answer in kind and fall silent, so that it closes with nothing unread
                         c.sendall(_DONE)
                         del self.peers[c]
                         continue
-                    if got.endswith(b"!"):
-                        raise OSError("its connection closed")
                     c.sendall(b".")
                 except OSError as e:
                     if not self.stop.is_set():

@@ -263,3 +263,27 @@ def test_bad_launch_variables_are_one_line(env, flag, monkeypatch, capsys):
         common.run_cli(lambda: pytest.fail("main ran"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and re.match(f"error: {flag}", err), err
+
+
+def test_the_watchdog_reports_a_closed_connection_at_its_next_beat(monkeypatch):
+    """A peer whose connection closes (a killed process: the kernel closes its sockets) is reported at the
+    watchdog's next beat, not left to the silence timeout, and the beat reads a live peer's bytes as a sign
+    of life. No JAX: the watchdog's loop on a socket pair."""
+    import threading
+
+    import tools
+
+    monkeypatch.setattr(tools, "PEER_BEAT_S", 0.05)
+    mine, theirs = socket.socketpair()
+    dog = object.__new__(tools.Watchdog)
+    dog.me, dog.n, dog.peers, dog.stop = 0, 2, {mine: 1}, threading.Event()
+    dead = []
+    dog._dead = lambda p, why: dead.append((p, why))
+    thread = threading.Thread(target=dog._loop, daemon=True)
+    thread.start()
+    theirs.sendall(b"...")
+    time.sleep(0.3)
+    assert not dead and thread.is_alive()
+    theirs.shutdown(socket.SHUT_WR)  # end of stream, as a process's exit sends it (a close with unread beats would reset)
+    thread.join(timeout=5)
+    assert not thread.is_alive() and dead == [(1, "its connection closed")]
