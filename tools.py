@@ -1072,7 +1072,9 @@ def _speed(res: Path) -> list[str]:
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             bench.plan(bench.Config(plan=True, compile_budget_s=0, out=str(res)))
-        out += [""] + [ln for ln in buf.getvalue().strip().splitlines() if not ln.startswith("plan:")]
+        # the path relative to the repo, so that the report is the same in every checkout
+        text = buf.getvalue().replace(f"{ROOT}{os.sep}", "")
+        out += [""] + [ln for ln in text.strip().splitlines() if not ln.startswith("plan:")]
     return out
 
 
