@@ -634,7 +634,7 @@ READING = (
     "regime still ranks gp and gp_nme above gp_gn for both activations; in the MLP, gp_gn's best ρ (3, "
     "against 1) gives it gp's gain (inconclusive) and, for GELU, more than gp_nme's (contradicted): there the "
     "NME is the quicker way to the gain, not the only one. And Fig. 4's custom-derivative twins, reproduced in "
-    "the MLP, are inconclusive in the conv regime at 8 seeds, both contrasts within ±0.6 pt of 0. At equal ρ past "
+    "the MLP, are inconclusive in the conv regime at 16 seeds, both contrasts within ±0.6 pt of 0. At equal ρ past "
     "a rule's peak (ρ ≥ 1 for gp and gp_nme in the conv regime, ρ ≥ 3 in the MLP), a contrast pits a rule in "
     "decline, or collapsed (ReLU's gains fall below −50 pt), against one near its peak; the best-ρ claims are "
     "the fair comparison there.")
@@ -943,8 +943,9 @@ def results_readme() -> str:
         out += _verdict_table(_lines(regime, "nme_ablation", None))
         fig4 = _lines(regime, "fig4_aug_dim", None) if regime else []
         if fig4:
+            n = len({r["seed"] for r in _csv(res / regime / "fig4_aug_dim.csv")})
             out += ["", "Fig. 4's contrasts in this regime "
-                    "(`fig4_aug_dim.py --dataset fashion_mnist_cnn --rhos 0 0.3 --seeds 8`, 8 seeds):", ""] + _verdict_table(fig4)
+                    f"(`fig4_aug_dim.py --dataset fashion_mnist_cnn --rhos 0 0.3`, {n} seeds):", ""] + _verdict_table(fig4)
     out += ["", "## The regimes and their candidates", "",
             "Chosen by measurement (MATH.md §5): the ρ = 0 baseline over-fits, the probe shows the NME alive late "
             "in training, and gp's gain over sgd is decided at 8 seeds. Candidates of the MLP regime "
