@@ -6,7 +6,7 @@ it improves with ρ like GELU; diminished GELU (Eq. 16) is GELU whose AD second 
 it degrades like ReLU. The forward passes and first derivatives are unchanged, so only the NME that
 the penalty's H g sees differs. ReLU and GELU are drawn as references.
 
-    uv run fig4_aug_dim.py                      # the MLP regime on Fashion-MNIST, 16 seeds: about 9 min on 2 CPU cores
+    uv run fig4_aug_dim.py                      # the MLP regime on Fashion-MNIST, 16 seeds: about 7 min on 2 CPU cores
     uv run fig4_aug_dim.py --dataset imagenet --data-dir /data/imagenet    # paper setup, 5 seeds
     uv run fig4_aug_dim.py --plot-only          # redraw the PNG and verdicts from the CSV
 

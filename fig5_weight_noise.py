@@ -7,7 +7,7 @@ Three ways to train on it: `weight_noise` (one noisy gradient), `hessian_trace` 
 stays good at large σ², while weight_noise and hessian_trace, which both contain the NME, give
 little and break down at large σ².
 
-    uv run fig5_weight_noise.py                 # the MLP regime on Fashion-MNIST, 16 seeds: about 6 min on 2 CPU cores
+    uv run fig5_weight_noise.py                 # the MLP regime on Fashion-MNIST, 16 seeds: about 5 min on 2 CPU cores
     uv run fig5_weight_noise.py --dataset cifar10   # paper setup: WRN-28-10, 200 epochs, 5 seeds
     uv run fig5_weight_noise.py --plot-only     # redraw the PNG and verdicts from the CSV
 

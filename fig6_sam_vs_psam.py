@@ -6,7 +6,7 @@ insensitive to the activation, while PSAM with ReLU falls well below SAM at larg
 GELU follows SAM: the finite step recovers the curvature information that ReLU's zero second
 derivative hides from the exact Hessian product.
 
-    uv run fig6_sam_vs_psam.py                  # the MLP regime on Fashion-MNIST, 16 seeds: about 8 min on 2 CPU cores
+    uv run fig6_sam_vs_psam.py                  # the MLP regime on Fashion-MNIST, 16 seeds: about 7 min on 2 CPU cores
     uv run fig6_sam_vs_psam.py --dataset imagenet --data-dir /data/imagenet    # paper setup, 2 seeds
     uv run fig6_sam_vs_psam.py --plot-only      # redraw the PNG and verdicts from the CSV
 

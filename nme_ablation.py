@@ -19,7 +19,7 @@ and at each rule's best ρ, chosen per activation on seeds 0-7 and judged on see
 Every rule is sgd at ρ = 0 (exactly: ρ multiplies the whole correction), so ρ = 0 is one sgd run per
 activation and seed, the baseline of every gain.
 
-    uv run nme_ablation.py                      # the MLP regime (fashion_mnist), 16 seeds: about 16 min
+    uv run nme_ablation.py                      # the MLP regime (fashion_mnist), 16 seeds: about 16 min on 2 CPU cores
     uv run nme_ablation.py --dataset fashion_mnist_cnn   # the conv regime, 16 seeds: about 2 h 10 min
     uv run nme_ablation.py --dataset imagenet --data-dir /data/imagenet   # paper setup, 5 seeds
     uv run nme_ablation.py --plot-only          # redraw the PNG and verdicts from the CSV
