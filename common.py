@@ -1390,17 +1390,22 @@ def _fmt(v) -> str:
         return str(v)
 
 
+def _cell(row: dict, f: str, d: dict) -> str:
+    """Field f of a row as text; a column the row lacks, or leaves empty (a CSV whose header gained it
+    later), counts as its default in d."""
+    return _fmt(d.get(f) if row.get(f, "") == "" else row[f])
+
+
 def row_key(row: dict, fields=None) -> tuple:
-    """The identity of a row (`fields`, default `id_fields()`) as text; a column the row lacks, or leaves empty
-    (a CSV whose header gained it later), counts as its default."""
+    """The identity of a row (`fields`, default `id_fields()`) as text."""
     d = defaults()
-    return tuple(_fmt(row.get(f) if row.get(f, "") != "" else d.get(f)) for f in fields or id_fields())
+    return tuple(_cell(row, f, d) for f in fields or id_fields())
 
 
 def _field(c, f: str) -> str:
     """Field f of a TrainConfig or a row, as `row_key` compares it."""
-    d = defaults().get(f)
-    return _fmt(getattr(c, f, d) if isinstance(c, TrainConfig) else c.get(f) if c.get(f, "") != "" else d)
+    d = defaults()
+    return _fmt(getattr(c, f, d.get(f))) if isinstance(c, TrainConfig) else _cell(c, f, d)
 
 
 def varying(configs, fields=None) -> list[str]:

@@ -961,8 +961,8 @@ def results_readme() -> str:
             if int(r["seed"]) < chose:
                 cost.setdefault(r["method"], []).append(float(r["wall_s"]))
         if cost:
-            out += ["", "The chosen regime's cost per run, from `results/cnn/nme_ablation.csv` (seeds 0-" f"{chose - 1}, which ran with "
-                    "the 2 CPU cores to themselves; median seconds, compilation included): " + ", ".join(
+            out += ["", f"The chosen regime's cost per run, from `results/cnn/nme_ablation.csv` (seeds 0-{chose - 1}, "
+                    "which ran with the 2 CPU cores to themselves; median seconds, compilation included): " + ", ".join(
                         f"{m} {np.median(v):.1f}" for m, v in cost.items()) + "."]
     out += ["", "## The probe", ""] + _probe_table(res / "probe_nme.csv", res / "probe_nme.curves.csv")
     out += ["", "## The spectra", ""] + _spectra_table(res / "probe_nme_spectra.eigs.csv")
